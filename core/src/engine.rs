@@ -1,0 +1,218 @@
+//! The engine interface: what a backend implements, free of any async runtime.
+//!
+//! An engine is synchronous. The shell calls [`Engine::load`] once on a thread of its
+//! own, then [`Engine::generate`] on threads it owns, one call per generation. The
+//! engine blocks that thread while it works, pushes raw token bytes into the sink (the
+//! core holds back split UTF-8), checks the [`CancelFlag`] between tokens, and returns
+//! how the generation ended.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+
+pub use crate::wire::{GenerateRequest, Message, Role, StopReason, Usage};
+
+/// A flag the shell raises to stop a generation; engines check it between tokens.
+#[derive(Clone, Debug, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    /// A lowered flag.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the generation to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A step of loading a model, published on the admin socket as a `loading_model` phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum LoadPhase {
+    /// Looking for the model file.
+    CheckingLocal {
+        /// Where.
+        path: String,
+    },
+    /// Fetching the model.
+    Download {
+        /// Bytes so far.
+        downloaded_bytes: u64,
+        /// Total size; `null` on the wire when unknown.
+        total_bytes: Option<u64>,
+        /// Where from.
+        source_url: String,
+    },
+    /// Checking the model's hash.
+    Verify {
+        /// Which file.
+        path: String,
+    },
+    /// A file failed its check and was moved aside.
+    Quarantine {
+        /// The file.
+        path: String,
+        /// What it should hash to.
+        expected_sha256: String,
+        /// What it hashed to.
+        actual_sha256: String,
+        /// Where it went.
+        quarantine_path: String,
+    },
+    /// Mapping the weights.
+    Mmap {
+        /// Which file.
+        path: String,
+    },
+    /// Allocating the KV cache.
+    KvCache {
+        /// Context length.
+        n_ctx: u32,
+    },
+}
+
+/// What a loaded backend can do, published as a `capabilities` status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// The backend's name as the daemon knows it (filled in by the daemon).
+    pub backend: String,
+    /// Speaks the v2 protocol.
+    pub v2: bool,
+    /// Accepts images.
+    pub vision: bool,
+    /// Accepts audio.
+    pub audio: bool,
+    /// Supports tool calls.
+    pub tools: bool,
+    /// Has a thinking mode.
+    pub thinking: bool,
+    /// Computes embeddings.
+    pub embed: bool,
+    /// Where it computes: `cpu`, `cuda`, …
+    pub accelerator: String,
+    /// Layers offloaded to the accelerator.
+    pub gpu_layers: u32,
+}
+
+impl Capabilities {
+    /// A text-only CPU backend.
+    pub fn text_cpu() -> Self {
+        Capabilities {
+            backend: String::new(),
+            v2: false,
+            vision: false,
+            audio: false,
+            tools: false,
+            thinking: false,
+            embed: false,
+            accelerator: "cpu".into(),
+            gpu_layers: 0,
+        }
+    }
+}
+
+/// How a generation that did not fail ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Token counts.
+    pub usage: Usage,
+    /// `end`, `length` or `cancelled`.
+    pub stop_reason: StopReason,
+}
+
+/// Which kind of failure an engine reports; decides the error code before the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    /// The backend cannot serve now (not loaded, crashed, overloaded): `backend_unavailable`.
+    Unavailable,
+    /// The backend hit an internal error: `internal` before the stream.
+    Internal,
+}
+
+/// A backend failure, with the reason for the operator and the client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    /// Which kind.
+    pub kind: EngineErrorKind,
+    /// Why, in words.
+    pub message: String,
+}
+
+impl EngineError {
+    /// An `Unavailable` failure.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        EngineError { kind: EngineErrorKind::Unavailable, message: message.into() }
+    }
+
+    /// An `Internal` failure.
+    pub fn internal(message: impl Into<String>) -> Self {
+        EngineError { kind: EngineErrorKind::Internal, message: message.into() }
+    }
+}
+
+/// What an engine reports about a generation, carried back to the core by the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// Raw bytes of one token; may end inside a UTF-8 character.
+    Token(Vec<u8>),
+    /// The generation finished.
+    Done(Completion),
+    /// The generation failed.
+    Failed(EngineError),
+}
+
+/// A backend that generates text. Implementations block the calling thread.
+pub trait Engine: Send + Sync + 'static {
+    /// The kind of engine, for messages (`mock`, `llamacpp`).
+    fn kind(&self) -> &str;
+
+    /// Loads the model, reporting phases as it goes; returns what it can do once ready.
+    /// An error here means the backend can never serve.
+    fn load(&self, progress: &mut dyn FnMut(LoadPhase)) -> Result<Capabilities, EngineError>;
+
+    /// Runs one generation: pushes token bytes into `on_token` as they come, stops early
+    /// when `cancel` is raised (then returns `stop_reason: cancelled`).
+    fn generate(
+        &self,
+        request: &GenerateRequest,
+        cancel: &CancelFlag,
+        on_token: &mut dyn FnMut(&[u8]),
+    ) -> Result<Completion, EngineError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_flag_is_shared() {
+        let a = CancelFlag::new();
+        let b = a.clone();
+        assert!(!b.is_cancelled());
+        a.cancel();
+        assert!(b.is_cancelled());
+    }
+
+    #[test]
+    fn phases_serialize_flat() {
+        let v = serde_json::to_value(LoadPhase::KvCache { n_ctx: 512 }).unwrap();
+        assert_eq!(v, serde_json::json!({"phase":"kv_cache","n_ctx":512}));
+        let v = serde_json::to_value(LoadPhase::Download {
+            downloaded_bytes: 1,
+            total_bytes: None,
+            source_url: "u".into(),
+        })
+        .unwrap();
+        assert_eq!(v["total_bytes"], serde_json::Value::Null);
+    }
+}

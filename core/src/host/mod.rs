@@ -1,0 +1,4 @@
+//! OS glue shared by the runtime shells: lock file, socket files and modes, peer
+//! credentials, runtime paths, the activity log sink, hang-up detection.
+//!
+//! Only the shells use this module; the state machines of the core never import it.

@@ -1,0 +1,32 @@
+//! The sans-IO core of inferd.
+//!
+//! Everything the daemon decides lives here as plain state machines: no sockets, no
+//! clock, no threads. Shells feed [`daemon::Input`]s into [`daemon::Daemon::handle`] with
+//! the current [`time::Time`], then drain [`daemon::Daemon::poll_output`] and sleep until
+//! [`daemon::Daemon::poll_timeout`]. The same core runs under smol, tokio, a hand-written
+//! mio loop, and the deterministic simulator.
+//!
+//! The `host` feature adds the OS glue the shells share (lock file, sockets, peer
+//! credentials, the activity log sink); the state machines never use it.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![allow(missing_docs)]
+
+pub mod activity;
+pub mod admin;
+pub mod admission;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod framing;
+pub mod redact;
+pub mod router;
+pub mod time;
+pub mod utf8;
+pub mod wire;
+
+pub use daemon::{ConnId, Daemon, GenId, Input, Output};
+pub use time::Time;
+#[cfg(feature = "host")]
+pub mod host;
