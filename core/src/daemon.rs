@@ -93,7 +93,7 @@ pub enum Input<'a> {
     /// An engine reported on a generation.
     Engine {
         /// Which generation.
-        gen: GenId,
+        generation: GenId,
         /// What happened.
         event: EngineEvent,
     },
@@ -156,7 +156,7 @@ pub enum Output {
     /// Run a generation on a backend; report its events as [`Input::Engine`].
     Start {
         /// The generation's name.
-        gen: GenId,
+        generation: GenId,
         /// Index of the backend in priority order.
         backend: usize,
         /// What to generate.
@@ -165,7 +165,7 @@ pub enum Output {
     /// Raise the cancel flag of a running generation. Its engine still reports its end.
     Cancel {
         /// Which generation.
-        gen: GenId,
+        generation: GenId,
     },
     /// Append this line (redacted, with its LF) to the activity log.
     Activity(String),
