@@ -1,11 +1,21 @@
 //! The daemon state machine: everything that happens goes in through [`Daemon::handle`],
 //! everything it wants done comes out of [`Daemon::poll_output`].
 
-use std::time::Duration;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
-use crate::engine::{Capabilities, EngineError, EngineEvent, LoadPhase};
+use crate::activity::{Level, Record, WallClock};
+use crate::admin::{self, AdminState, StatsEvent};
+use crate::admission::{Admission, Admit};
+use crate::config::DaemonConfig;
+use crate::engine::{Capabilities, EngineError, EngineErrorKind, EngineEvent, LoadPhase};
+use crate::framing::{Line, LineDecoder};
+use crate::router::{Outcome, Route, Router};
 use crate::time::Time;
-use crate::wire::GenerateRequest;
+use crate::utf8::Utf8Assembler;
+use crate::wire::{
+    self, AuthLine, DoneFrame, ErrorCode, GenerateRequest, Request, StopReason, Timings, Usage,
+};
 
 /// A connection, named by the shell when it accepts it (unique for the daemon's life).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -197,22 +207,1073 @@ pub struct Stats {
     pub rejected: u64,
 }
 
-/// Placeholder so the shells can compile against the surface while the machine lands.
+/// The longest TCP authentication line accepted (spec §6).
+pub const MAX_AUTH_LINE_BYTES: usize = 4096;
+
+/// How long after the drain deadline the daemon waits for final frames to flush.
+const DRAIN_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    WriteStall(ConnId),
+    ReadIdle(ConnId),
+    Stats,
+    ReadyDeadline,
+    DrainDeadline,
+    DrainGrace,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Ready,
+    Draining,
+    Exited,
+}
+
+#[derive(Debug)]
+enum ReqPhase {
+    Queued(GenerateRequest),
+    Running(GenId),
+}
+
+#[derive(Debug)]
+struct ReqState {
+    id: String,
+    stream: bool,
+    admitted: Time,
+    phase: ReqPhase,
+}
+
+#[derive(Debug)]
+struct Conn {
+    kind: ListenerKind,
+    authed: bool,
+    decoder: LineDecoder,
+    out: Vec<u8>,
+    /// A `Send` is outstanding, issued at this time.
+    writing_since: Option<Time>,
+    in_flush_queue: bool,
+    reading: bool,
+    read_closed: bool,
+    closing: bool,
+    partial_since: Option<Time>,
+    write_timer: bool,
+    read_timer: bool,
+    request: Option<ReqState>,
+    /// Admin only: events appended since the last `Send`, and those in flight.
+    events_buffered: usize,
+    events_in_flight: usize,
+}
+
+#[derive(Debug)]
+struct Gen {
+    conn: Option<ConnId>,
+    req_id: String,
+    stream: bool,
+    route: Route,
+    admitted: Time,
+    started: Time,
+    first_token: Option<Time>,
+    content: String,
+    utf8: Utf8Assembler,
+    tokens_sent: u32,
+}
+
+#[derive(Debug)]
+struct BackendInfo {
+    name: String,
+    loaded: bool,
+}
+
+/// The daemon: connections, requests, admission, routing, admin and activity, as one
+/// state machine driven by [`Daemon::handle`] and drained by [`Daemon::poll_output`].
+#[derive(Debug)]
 pub struct Daemon {
-    _private: (),
+    cfg: DaemonConfig,
+    wall: WallClock,
+    now: Time,
+    phase: Phase,
+    conns: HashMap<ConnId, Conn>,
+    inference_conns: u32,
+    admin_conns: Vec<ConnId>,
+    gens: HashMap<GenId, Gen>,
+    next_gen: u64,
+    admission: Admission<ConnId>,
+    router: Router,
+    backends: Vec<BackendInfo>,
+    outputs: VecDeque<Output>,
+    flush_queue: VecDeque<ConnId>,
+    timers: BinaryHeap<Reverse<(Time, TimerKey)>>,
+    admin_state: AdminState,
+    capabilities_frames: Vec<u8>,
+    stats_dirty: bool,
+    stats_timer: bool,
+    served: u64,
+    exit_requested: bool,
 }
 
 impl Daemon {
-    /// Feeds one input at time `now`.
-    pub fn handle(&mut self, _now: Time, _input: Input<'_>) {}
-    /// The next thing to do, if any.
+    /// A daemon that starts at `now`; `wall_unix_ms` is the wall clock at that moment
+    /// (for activity timestamps only).
+    pub fn new(cfg: DaemonConfig, now: Time, wall_unix_ms: u64) -> Daemon {
+        let backends = cfg
+            .backends
+            .iter()
+            .map(|name| BackendInfo { name: name.clone(), loaded: false })
+            .collect();
+        let mut d = Daemon {
+            admission: Admission::new(cfg.active_permits as usize, cfg.queue_depth as usize),
+            router: Router::new(cfg.backends.len(), cfg.breaker),
+            backends,
+            wall: WallClock::new(now, wall_unix_ms),
+            now,
+            phase: Phase::Starting,
+            conns: HashMap::new(),
+            inference_conns: 0,
+            admin_conns: Vec::new(),
+            gens: HashMap::new(),
+            next_gen: 1,
+            outputs: VecDeque::new(),
+            flush_queue: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            admin_state: AdminState::Starting,
+            capabilities_frames: Vec::new(),
+            stats_dirty: false,
+            stats_timer: false,
+            served: 0,
+            exit_requested: false,
+            cfg,
+        };
+        if !d.cfg.ready_timeout.is_zero() {
+            d.arm(now + d.cfg.ready_timeout, TimerKey::ReadyDeadline);
+        }
+        d
+    }
+
+    /// Feeds one input at time `now` (never earlier than the last `now`).
+    pub fn handle(&mut self, now: Time, input: Input<'_>) {
+        self.now = self.now.max(now);
+        if self.phase == Phase::Exited {
+            return;
+        }
+        match input {
+            Input::Accepted { conn, listener, peer } => self.on_accepted(conn, listener, peer),
+            Input::Received { conn, bytes } => self.on_received(conn, bytes),
+            Input::ReadClosed { conn } => self.on_read_closed(conn),
+            Input::HungUp { conn } => self.drop_conn(conn),
+            Input::Flushed { conn } => self.on_flushed(conn),
+            Input::Engine { generation, event } => self.on_engine(generation, event),
+            Input::BackendPhase { backend: _, phase } => {
+                let state = if self.phase == Phase::Starting {
+                    AdminState::LoadingModel(phase)
+                } else {
+                    AdminState::Restarting(phase)
+                };
+                self.set_admin_state(state);
+            }
+            Input::BackendLoaded { backend, capabilities } => self.on_loaded(backend, capabilities),
+            Input::BackendFailed { backend, error } => {
+                let name = self.backend_name(backend).to_owned();
+                if self.phase == Phase::Starting {
+                    self.exit(1, format!("backend {name} failed to load: {error}"));
+                } else {
+                    self.router.set_ready(backend, false);
+                }
+            }
+            Input::BackendReadiness { backend, ready } => {
+                self.router.set_ready(backend, ready);
+                self.stats_dirty = true;
+            }
+            Input::Timeout => self.on_timeout(),
+            Input::Shutdown => self.on_shutdown(),
+        }
+        self.arm_stats();
+        self.maybe_exit();
+    }
+
+    /// The next thing to do, if any. Call until `None` after every `handle`.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(o) = self.outputs.pop_front() {
+            return Some(o);
+        }
+        // Sends go out last so a burst of tokens from one `handle` leaves as one write.
+        while let Some(id) = self.flush_queue.pop_front() {
+            let now = self.now;
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            c.in_flush_queue = false;
+            if c.writing_since.is_some() || c.out.is_empty() {
+                continue;
+            }
+            c.writing_since = Some(now);
+            c.events_in_flight = std::mem::take(&mut c.events_buffered);
+            let bytes = std::mem::take(&mut c.out);
+            let arm = !c.write_timer && !self.cfg.write_timeout.is_zero();
+            if arm {
+                c.write_timer = true;
+                let at = now + self.cfg.write_timeout;
+                self.arm(at, TimerKey::WriteStall(id));
+            }
+            return Some(Output::Send { conn: id, bytes });
+        }
         None
     }
-    /// When to call `handle(now, Input::Timeout)` next.
+
+    /// When to call `handle(now, Input::Timeout)` next, if anything is pending.
     pub fn poll_timeout(&self) -> Option<Time> {
-        None
+        if self.phase == Phase::Exited {
+            return None;
+        }
+        self.timers.peek().map(|Reverse((t, _))| *t)
     }
-    #[allow(dead_code)]
-    fn unused(_: Duration) {}
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let c = self.admission.counters();
+        Stats {
+            queued: self.admission.waiting() as u32,
+            active: self.admission.running() as u32,
+            connections: self.inference_conns,
+            served: self.served,
+            rejected: c.rejected,
+        }
+    }
+
+    /// Whether every backend is loaded and the inference listener may exist.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// Whether the daemon has emitted [`Output::Exit`].
+    pub fn has_exited(&self) -> bool {
+        self.phase == Phase::Exited
+    }
+
+    /// Generations started and not yet reported finished by their engine.
+    pub fn generations_running(&self) -> usize {
+        self.gens.len()
+    }
+
+    /// Open connections of both kinds.
+    pub fn connections_open(&self) -> usize {
+        self.conns.len()
+    }
+
+    // ---- connections -------------------------------------------------------------
+
+    fn on_accepted(&mut self, id: ConnId, listener: ListenerKind, peer: Peer) {
+        if self.conns.contains_key(&id) {
+            return;
+        }
+        let refuse = self.phase == Phase::Draining
+            || (listener == ListenerKind::Inference
+                && (self.inference_conns >= self.cfg.max_connections
+                    || self.phase != Phase::Ready));
+        if refuse {
+            self.outputs.push_back(Output::Close { conn: id });
+            return;
+        }
+        let needs_auth = peer.transport == Transport::Tcp
+            && listener == ListenerKind::Inference
+            && self.cfg.api_key.is_some();
+        let cap = if needs_auth { MAX_AUTH_LINE_BYTES } else { self.cfg.max_frame_bytes };
+        let mut conn = Conn {
+            kind: listener,
+            authed: !needs_auth,
+            decoder: LineDecoder::new(cap),
+            out: Vec::new(),
+            writing_since: None,
+            in_flush_queue: false,
+            reading: false,
+            read_closed: false,
+            closing: false,
+            partial_since: None,
+            write_timer: false,
+            read_timer: false,
+            request: None,
+            events_buffered: 0,
+            events_in_flight: 0,
+        };
+        match listener {
+            ListenerKind::Inference => {
+                self.inference_conns += 1;
+                self.stats_dirty = true;
+                let rec = self
+                    .record(Level::Info, "connection_accepted")
+                    .str("transport", peer.transport.as_str())
+                    .str("peer", &peer.addr)
+                    .opt_num("peer_uid", peer.uid.map(u64::from))
+                    .opt_num("peer_pid", peer.pid.map(u64::from));
+                self.log(rec);
+                conn.reading = true;
+                self.conns.insert(id, conn);
+                self.outputs.push_back(Output::Read { conn: id });
+            }
+            ListenerKind::Admin => {
+                // Replay: capabilities so far, then one snapshot, then live events.
+                conn.out.extend_from_slice(&self.capabilities_frames);
+                admin::encode_state(&mut conn.out, &self.admin_state);
+                conn.events_buffered = 1;
+                self.conns.insert(id, conn);
+                self.admin_conns.push(id);
+                self.queue_flush(id);
+            }
+        }
+    }
+
+    fn on_received(&mut self, id: ConnId, bytes: &[u8]) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.reading = false;
+        if c.kind == ListenerKind::Admin || c.closing {
+            return;
+        }
+        c.decoder.push(bytes);
+        self.process_lines(id);
+    }
+
+    fn on_read_closed(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.reading = false;
+        c.read_closed = true;
+        if c.kind == ListenerKind::Inference && c.request.is_none() {
+            self.process_lines(id);
+        }
+    }
+
+    /// Takes request lines off the connection while it has no request in progress,
+    /// then asks for more bytes, or closes when the peer has finished sending.
+    fn process_lines(&mut self, id: ConnId) {
+        loop {
+            let Some(c) = self.conns.get_mut(&id) else { return };
+            if c.request.is_some() || c.closing {
+                return;
+            }
+            let authed = c.authed;
+            let line = match c.decoder.next_line() {
+                None => break,
+                Some(Line::TooLarge) => Err(()),
+                Some(Line::Complete(line)) => Ok(if authed {
+                    Ok(wire::decode_request(line))
+                } else {
+                    Err(serde_json::from_slice::<AuthLine>(line).ok())
+                }),
+            };
+            match line {
+                Err(()) if !authed => self.reject_auth(id),
+                Err(()) => {
+                    let rec = self.record(Level::Warn, "request_oversized");
+                    self.log(rec);
+                    let cap = self.cfg.max_frame_bytes;
+                    self.send_error(
+                        id,
+                        "",
+                        ErrorCode::FrameTooLarge,
+                        &format!("request line exceeds {cap} bytes"),
+                    );
+                    self.close_after_flush(id);
+                }
+                Ok(Err(auth)) => {
+                    let key = self.cfg.api_key.as_deref().unwrap_or_default().as_bytes();
+                    match auth {
+                        Some(a)
+                            if a.kind == "auth"
+                                && wire::constant_time_eq(a.key.as_bytes(), key) =>
+                        {
+                            let cap = self.cfg.max_frame_bytes;
+                            if let Some(c) = self.conns.get_mut(&id) {
+                                c.authed = true;
+                                c.decoder.set_cap(cap);
+                            }
+                        }
+                        _ => self.reject_auth(id),
+                    }
+                }
+                Ok(Ok(Err(e))) => {
+                    let rec = self
+                        .record(Level::Warn, "request_rejected")
+                        .str("req_id", e.id())
+                        .str("code", "invalid_request");
+                    self.log(rec);
+                    self.send_error(id, e.id(), ErrorCode::InvalidRequest, e.message());
+                    if e.closes_connection() {
+                        self.close_after_flush(id);
+                    }
+                }
+                Ok(Ok(Ok(req))) => self.on_request(id, req),
+            }
+        }
+        // Out of complete lines: ask for more, or finish a half-closed connection.
+        let now = self.now;
+        let read_timeout = self.cfg.read_timeout;
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if c.request.is_some() || c.closing {
+            return;
+        }
+        if c.read_closed {
+            // EOF: a partial line is dropped (spec §1).
+            self.close_after_flush(id);
+            return;
+        }
+        if c.decoder.has_partial() {
+            if c.partial_since.is_none() {
+                c.partial_since = Some(now);
+                if !read_timeout.is_zero() && !c.read_timer {
+                    c.read_timer = true;
+                    self.arm(now + read_timeout, TimerKey::ReadIdle(id));
+                }
+            }
+        } else {
+            c.partial_since = None;
+        }
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if !c.reading {
+            c.reading = true;
+            self.outputs.push_back(Output::Read { conn: id });
+        }
+    }
+
+    fn reject_auth(&mut self, id: ConnId) {
+        let rec = self.record(Level::Warn, "tcp_auth_rejected");
+        self.log(rec);
+        self.drop_conn(id);
+    }
+
+    fn close_after_flush(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.closing = true;
+        if c.out.is_empty() && c.writing_since.is_none() {
+            self.finish_conn(id);
+        }
+    }
+
+    fn on_flushed(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.writing_since = None;
+        c.events_in_flight = 0;
+        if !c.out.is_empty() {
+            self.queue_flush(id);
+        } else if c.closing {
+            self.finish_conn(id);
+        }
+    }
+
+    /// The peer is gone or must be dropped: cancel its request, free its place, close.
+    fn drop_conn(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        if let Some(req) = c.request.take() {
+            self.cancel_request(id, req);
+        }
+        self.finish_conn(id);
+    }
+
+    /// Forgets a connection and tells the shell to close it.
+    fn finish_conn(&mut self, id: ConnId) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        if c.kind == ListenerKind::Inference {
+            self.inference_conns -= 1;
+            self.stats_dirty = true;
+        } else {
+            self.admin_conns.retain(|a| *a != id);
+        }
+        self.outputs.push_back(Output::Close { conn: id });
+    }
+
+    fn queue_flush(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(&id)
+            && !c.in_flush_queue
+            && c.writing_since.is_none()
+            && !c.out.is_empty()
+        {
+            c.in_flush_queue = true;
+            self.flush_queue.push_back(id);
+        }
+    }
+
+    fn send_error(&mut self, id: ConnId, req_id: &str, code: ErrorCode, message: &str) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            wire::encode_error(&mut c.out, req_id, code, message);
+        }
+        self.queue_flush(id);
+    }
+
+    // ---- requests ------------------------------------------------------------------
+
+    fn on_request(&mut self, id: ConnId, req: Request) {
+        if self.phase == Phase::Draining {
+            self.send_error(id, &req.id, ErrorCode::BackendUnavailable, "daemon is draining");
+            self.close_after_flush(id);
+            return;
+        }
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        c.partial_since = None;
+        match self.admission.admit(id) {
+            Admit::Run => {
+                self.stats_dirty = true;
+                self.start(id, req.id, req.stream, now, req.params);
+            }
+            Admit::Queued => {
+                self.stats_dirty = true;
+                c.request = Some(ReqState {
+                    id: req.id,
+                    stream: req.stream,
+                    admitted: now,
+                    phase: ReqPhase::Queued(req.params),
+                });
+            }
+            Admit::Full => {
+                self.stats_dirty = true;
+                let rec = self
+                    .record(Level::Warn, "request_rejected")
+                    .str("req_id", &req.id)
+                    .str("code", "queue_full");
+                self.log(rec);
+                let msg = format!(
+                    "queue full: {} generating and {} waiting",
+                    self.admission.running(),
+                    self.admission.waiting()
+                );
+                self.send_error(id, &req.id, ErrorCode::QueueFull, &msg);
+            }
+        }
+    }
+
+    /// Starts a request that holds a generating place, or fails it when no backend can
+    /// take it (then the place passes on).
+    fn start(
+        &mut self,
+        id: ConnId,
+        req_id: String,
+        stream: bool,
+        admitted: Time,
+        params: GenerateRequest,
+    ) {
+        let now = self.now;
+        let Some(route) = self.router.route(now) else {
+            let rec = self
+                .record(Level::Warn, "request_rejected")
+                .str("req_id", &req_id)
+                .str("code", "backend_unavailable");
+            self.log(rec);
+            let msg = if self.router.next_cooldown_end().is_some() {
+                "no backend available: circuit breaker open"
+            } else {
+                "no backend is ready"
+            };
+            self.send_error(id, &req_id, ErrorCode::BackendUnavailable, msg);
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.request = None;
+            }
+            self.release_place();
+            self.process_lines(id);
+            return;
+        };
+        let generation = GenId(self.next_gen);
+        self.next_gen += 1;
+        self.gens.insert(
+            generation,
+            Gen {
+                conn: Some(id),
+                req_id: req_id.clone(),
+                stream,
+                route,
+                admitted,
+                started: now,
+                first_token: None,
+                content: String::new(),
+                utf8: Utf8Assembler::new(),
+                tokens_sent: 0,
+            },
+        );
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.request = Some(ReqState {
+                id: req_id,
+                stream,
+                admitted,
+                phase: ReqPhase::Running(generation),
+            });
+        }
+        self.outputs.push_back(Output::Start {
+            generation,
+            backend: route.backend,
+            request: params,
+        });
+    }
+
+    /// Returns a generating place; queued requests take it in arrival order.
+    fn release_place(&mut self) {
+        self.stats_dirty = true;
+        let mut next = self.admission.release();
+        while let Some(id) = next.take() {
+            let Some(c) = self.conns.get_mut(&id) else {
+                next = self.admission.release();
+                continue;
+            };
+            match c.request.take() {
+                Some(ReqState {
+                    id: req_id,
+                    stream,
+                    admitted,
+                    phase: ReqPhase::Queued(params),
+                }) => {
+                    // `start` releases again by itself when it cannot route.
+                    self.start(id, req_id, stream, admitted, params);
+                }
+                other => {
+                    c.request = other;
+                    next = self.admission.release();
+                }
+            }
+        }
+    }
+
+    /// The client of `req` went away (or the drain deadline passed): stop it quietly.
+    fn cancel_request(&mut self, _id: ConnId, req: ReqState) {
+        let now = self.now;
+        match req.phase {
+            ReqPhase::Queued(_) => {
+                self.admission.remove_waiting(_id);
+                self.stats_dirty = true;
+                let rec = self
+                    .record(Level::Info, "request_done")
+                    .str("req_id", &req.id)
+                    .str("stop_reason", StopReason::Cancelled.as_str())
+                    .num("queued_ms", now.millis_since(req.admitted))
+                    .num("total_ms", now.millis_since(req.admitted));
+                self.log(rec);
+            }
+            ReqPhase::Running(generation) => {
+                let Some(g) = self.gens.get(&generation) else { return };
+                let route = g.route;
+                let rec = self
+                    .record(Level::Info, "request_done")
+                    .str("req_id", &g.req_id)
+                    .str("backend", self.backend_name(route.backend))
+                    .str("stop_reason", StopReason::Cancelled.as_str())
+                    .num("completion_tokens", g.tokens_sent.into())
+                    .num("queued_ms", g.started.millis_since(g.admitted))
+                    .opt_num("ttft_ms", g.first_token.map(|t| t.millis_since(g.admitted)))
+                    .num("total_ms", now.millis_since(g.admitted));
+                self.log(rec);
+                if let Some(g) = self.gens.get_mut(&generation) {
+                    g.conn = None;
+                }
+                self.outputs.push_back(Output::Cancel { generation });
+                self.router.report(route, Outcome::Neutral, now);
+                self.release_place();
+            }
+        }
+    }
+
+    // ---- engine events -------------------------------------------------------------
+
+    fn on_engine(&mut self, generation: GenId, event: EngineEvent) {
+        let Some(g) = self.gens.get_mut(&generation) else { return };
+        let Some(conn) = g.conn else {
+            // Cancelled: the place is already free; forget it once the engine is done.
+            if !matches!(event, EngineEvent::Token(_)) {
+                self.gens.remove(&generation);
+            }
+            return;
+        };
+        match event {
+            EngineEvent::Token(bytes) => {
+                let now = self.now;
+                g.first_token.get_or_insert(now);
+                let start = g.content.len();
+                g.utf8.push(&bytes, &mut g.content);
+                g.tokens_sent += 1;
+                if g.stream
+                    && g.content.len() > start
+                    && let Some(c) = self.conns.get_mut(&conn)
+                {
+                    wire::encode_token(&mut c.out, &g.req_id, &g.content[start..]);
+                    if !c.in_flush_queue && c.writing_since.is_none() {
+                        c.in_flush_queue = true;
+                        self.flush_queue.push_back(conn);
+                    }
+                }
+            }
+            EngineEvent::Done(done) => {
+                self.finish_gen(generation, conn, Ok(done.usage), done.stop_reason)
+            }
+            EngineEvent::Failed(e) => self.finish_gen(generation, conn, Err(e), StopReason::Error),
+        }
+    }
+
+    fn finish_gen(
+        &mut self,
+        generation: GenId,
+        conn: ConnId,
+        result: Result<Usage, EngineError>,
+        stop_reason: StopReason,
+    ) {
+        let Some(mut g) = self.gens.remove(&generation) else { return };
+        let now = self.now;
+        let start = g.content.len();
+        g.utf8.finish(&mut g.content);
+        let backend = self.backends[g.route.backend].name.clone();
+        let timings = Timings {
+            queued_ms: g.started.millis_since(g.admitted),
+            ttft_ms: g.first_token.unwrap_or(now).millis_since(g.admitted),
+            total_ms: now.millis_since(g.admitted),
+        };
+        let cap = self.cfg.max_frame_bytes;
+        let draining = self.phase == Phase::Draining;
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        c.request = None;
+        if g.stream && g.content.len() > start {
+            wire::encode_token(&mut c.out, &g.req_id, &g.content[start..]);
+        }
+        let outcome = match result {
+            Ok(usage) => {
+                let mark = c.out.len();
+                wire::encode_done(
+                    &mut c.out,
+                    &DoneFrame {
+                        id: &g.req_id,
+                        content: &g.content,
+                        usage,
+                        stop_reason,
+                        backend: &backend,
+                        timings: self.cfg.timings.then_some(timings),
+                    },
+                );
+                if c.out.len() - mark - 1 > cap {
+                    c.out.truncate(mark);
+                    let msg = format!("response exceeds the {cap}-byte frame cap");
+                    wire::encode_error(&mut c.out, &g.req_id, ErrorCode::BackendUnavailable, &msg);
+                }
+                self.served += 1;
+                let rec = self
+                    .record(Level::Info, "request_done")
+                    .str("req_id", &g.req_id)
+                    .str("backend", &backend)
+                    .str("stop_reason", stop_reason.as_str())
+                    .num("prompt_tokens", usage.prompt_tokens.into())
+                    .num("completion_tokens", usage.completion_tokens.into())
+                    .num("queued_ms", timings.queued_ms)
+                    .num("ttft_ms", timings.ttft_ms)
+                    .num("total_ms", timings.total_ms);
+                self.log(rec);
+                Outcome::Success
+            }
+            Err(e) => {
+                let mid_stream = g.tokens_sent > 0;
+                let code = match (mid_stream, e.kind) {
+                    (false, EngineErrorKind::Internal) => ErrorCode::Internal,
+                    _ => ErrorCode::BackendUnavailable,
+                };
+                wire::encode_error(
+                    &mut c.out,
+                    &g.req_id,
+                    code,
+                    &format!("backend {backend}: {}", e.message),
+                );
+                let rec = if mid_stream {
+                    self.record(Level::Warn, "request_error_mid_stream")
+                        .str("req_id", &g.req_id)
+                        .str("backend", &backend)
+                        .num("completion_tokens", g.tokens_sent.into())
+                        .str("error", &e.message)
+                } else {
+                    self.record(Level::Warn, "request_rejected")
+                        .str("req_id", &g.req_id)
+                        .str("backend", &backend)
+                        .str("code", code.as_str())
+                        .str("error", &e.message)
+                };
+                self.log(rec);
+                Outcome::Failure
+            }
+        };
+        self.router.report(g.route, outcome, now);
+        self.queue_flush(conn);
+        self.release_place();
+        if draining {
+            self.close_after_flush(conn);
+        } else {
+            self.process_lines(conn);
+        }
+    }
+
+    // ---- backends, admin, stats ----------------------------------------------------
+
+    fn backend_name(&self, backend: usize) -> &str {
+        self.backends.get(backend).map_or("?", |b| b.name.as_str())
+    }
+
+    fn on_loaded(&mut self, backend: usize, mut caps: Capabilities) {
+        let Some(info) = self.backends.get_mut(backend) else { return };
+        info.loaded = true;
+        caps.backend = info.name.clone();
+        let mut frame = Vec::new();
+        admin::encode_capabilities(&mut frame, &caps);
+        self.capabilities_frames.extend_from_slice(&frame);
+        self.publish(&frame);
+        self.router.set_ready(backend, true);
+        if self.phase == Phase::Starting && self.backends.iter().all(|b| b.loaded) {
+            self.phase = Phase::Ready;
+            self.set_admin_state(AdminState::Ready);
+            self.outputs.push_back(Output::BindInference);
+        }
+    }
+
+    fn set_admin_state(&mut self, state: AdminState) {
+        let mut frame = Vec::new();
+        admin::encode_state(&mut frame, &state);
+        self.admin_state = state;
+        self.publish(&frame);
+    }
+
+    /// Appends an event to every admin subscriber; drops those too far behind.
+    fn publish(&mut self, frame: &[u8]) {
+        let limit = self.cfg.admin_lag_limit;
+        let mut laggards = Vec::new();
+        for id in &self.admin_conns {
+            if let Some(c) = self.conns.get_mut(id) {
+                if c.closing {
+                    continue;
+                }
+                c.out.extend_from_slice(frame);
+                c.events_buffered += 1;
+                if c.events_buffered + c.events_in_flight > limit {
+                    laggards.push(*id);
+                } else if !c.in_flush_queue && c.writing_since.is_none() {
+                    c.in_flush_queue = true;
+                    self.flush_queue.push_back(*id);
+                }
+            }
+        }
+        for id in laggards {
+            self.finish_conn(id);
+        }
+    }
+
+    fn arm_stats(&mut self) {
+        if self.stats_dirty && !self.stats_timer && !self.admin_conns.is_empty() {
+            self.stats_timer = true;
+            let at = self.now + self.cfg.stats_interval;
+            self.arm(at, TimerKey::Stats);
+        }
+    }
+
+    fn publish_stats(&mut self) {
+        let now = self.now;
+        let s = self.stats();
+        let breakers: Vec<(&str, &'static str)> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.name.as_str(), self.router.breaker_state(i, now).as_str()))
+            .collect();
+        let mut frame = Vec::new();
+        admin::encode_stats(
+            &mut frame,
+            &StatsEvent {
+                queued: s.queued,
+                active: s.active,
+                connections: s.connections,
+                served: s.served,
+                rejected: s.rejected,
+                breakers,
+            },
+        );
+        self.publish(&frame);
+    }
+
+    // ---- timers, shutdown ----------------------------------------------------------
+
+    fn arm(&mut self, at: Time, key: TimerKey) {
+        self.timers.push(Reverse((at, key)));
+    }
+
+    fn on_timeout(&mut self) {
+        let now = self.now;
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            self.fire(key, now);
+        }
+    }
+
+    fn fire(&mut self, key: TimerKey, now: Time) {
+        match key {
+            TimerKey::WriteStall(id) => {
+                let timeout = self.cfg.write_timeout;
+                let Some(c) = self.conns.get_mut(&id) else { return };
+                c.write_timer = false;
+                match c.writing_since {
+                    Some(since) if now.saturating_since(since) >= timeout => self.drop_conn(id),
+                    Some(since) => {
+                        c.write_timer = true;
+                        self.arm(since + timeout, TimerKey::WriteStall(id));
+                    }
+                    None => {}
+                }
+            }
+            TimerKey::ReadIdle(id) => {
+                let timeout = self.cfg.read_timeout;
+                let Some(c) = self.conns.get_mut(&id) else { return };
+                c.read_timer = false;
+                match c.partial_since {
+                    Some(since)
+                        if c.request.is_none() && now.saturating_since(since) >= timeout =>
+                    {
+                        // A slow sender: close without a frame, as for a peer gone quiet.
+                        self.drop_conn(id);
+                    }
+                    Some(since) => {
+                        c.read_timer = true;
+                        self.arm(since + timeout, TimerKey::ReadIdle(id));
+                    }
+                    None => {}
+                }
+            }
+            TimerKey::Stats => {
+                self.stats_timer = false;
+                if self.stats_dirty {
+                    self.stats_dirty = false;
+                    self.publish_stats();
+                }
+            }
+            TimerKey::ReadyDeadline => {
+                if self.phase == Phase::Starting {
+                    let waiting: Vec<&str> = self
+                        .backends
+                        .iter()
+                        .filter(|b| !b.loaded)
+                        .map(|b| b.name.as_str())
+                        .collect();
+                    let msg = format!(
+                        "backends not ready after {} s: {}",
+                        self.cfg.ready_timeout.as_secs(),
+                        waiting.join(", ")
+                    );
+                    self.exit(1, msg);
+                }
+            }
+            TimerKey::DrainDeadline => self.drain_deadline(),
+            TimerKey::DrainGrace => {
+                let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                for id in ids {
+                    self.drop_conn(id);
+                }
+                self.gens.clear();
+                self.exit_requested = true;
+            }
+        }
+    }
+
+    fn on_shutdown(&mut self) {
+        if self.phase == Phase::Draining {
+            return;
+        }
+        let was_starting = self.phase == Phase::Starting;
+        self.phase = Phase::Draining;
+        self.outputs.push_back(Output::StopAccepting);
+        self.set_admin_state(AdminState::Draining);
+        let now = self.now;
+        // Queued requests get `backend_unavailable` and their connection closes.
+        let waiting: Vec<ConnId> = self.admission.drain_waiting().collect();
+        for id in waiting {
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            if let Some(req) = c.request.take() {
+                let rec = self
+                    .record(Level::Warn, "request_rejected")
+                    .str("req_id", &req.id)
+                    .str("code", "backend_unavailable");
+                self.log(rec);
+                self.send_error(id, &req.id, ErrorCode::BackendUnavailable, "daemon is draining");
+            }
+            self.close_after_flush(id);
+        }
+        // Idle connections close now; running requests finish first.
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.kind == ListenerKind::Inference && c.request.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.close_after_flush(id);
+        }
+        if was_starting {
+            self.exit_requested = true;
+        } else {
+            self.arm(now + self.cfg.drain_timeout, TimerKey::DrainDeadline);
+            self.arm(now + self.cfg.drain_timeout + DRAIN_FLUSH_GRACE, TimerKey::DrainGrace);
+        }
+    }
+
+    /// The drain deadline passed: cancel what still runs, with an error terminal frame.
+    fn drain_deadline(&mut self) {
+        let running: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.request, Some(ReqState { phase: ReqPhase::Running(_), .. }))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in running {
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            let Some(req) = c.request.take() else { continue };
+            let req_id = req.id.clone();
+            self.cancel_request(id, req);
+            self.send_error(
+                id,
+                &req_id,
+                ErrorCode::BackendUnavailable,
+                "daemon is draining: drain deadline reached, generation cancelled",
+            );
+            self.close_after_flush(id);
+        }
+    }
+
+    fn maybe_exit(&mut self) {
+        if self.phase != Phase::Draining {
+            return;
+        }
+        let inference_left = self.conns.values().any(|c| c.kind == ListenerKind::Inference);
+        if self.exit_requested || (!inference_left && self.gens.is_empty()) {
+            let admins = std::mem::take(&mut self.admin_conns);
+            for id in admins {
+                self.conns.remove(&id);
+                self.outputs.push_back(Output::Close { conn: id });
+            }
+            self.exit(0, String::new());
+        }
+    }
+
+    fn exit(&mut self, code: i32, message: String) {
+        if self.phase == Phase::Exited {
+            return;
+        }
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.drop_conn(id);
+        }
+        for generation in self.gens.keys().copied().collect::<Vec<_>>() {
+            self.outputs.push_back(Output::Cancel { generation });
+        }
+        self.gens.clear();
+        self.phase = Phase::Exited;
+        self.outputs.push_back(Output::Exit { code, message });
+    }
+
+    // ---- activity ------------------------------------------------------------------
+
+    fn record(&self, level: Level, msg: &str) -> Record {
+        Record::new(self.wall.unix_ms(self.now), level, "daemon", msg)
+    }
+
+    fn log(&mut self, rec: Record) {
+        self.outputs.push_back(Output::Activity(rec.finish()));
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,7 +11,6 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-#![allow(missing_docs)]
 
 pub mod activity;
 pub mod admin;

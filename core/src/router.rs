@@ -1,1 +1,322 @@
-//! TODO
+//! Routing: backends in priority order, each behind a circuit breaker (spec §4).
+//!
+//! A request goes to the first backend that is ready and whose breaker lets it through.
+//! `failure_threshold` failures within `failure_window` open a breaker for `cooldown`;
+//! then exactly one trial request goes through (half-open): success closes the breaker,
+//! failure reopens it. The clock is a parameter.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::time::Time;
+
+/// Breaker settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// Failures within the window that open the breaker.
+    pub failure_threshold: u32,
+    /// How far back failures count.
+    pub failure_window: Duration,
+    /// How long an open breaker refuses requests.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failure_threshold: 3,
+            failure_window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A breaker's state as stats report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow.
+    Closed,
+    /// Requests are refused until the cooldown ends.
+    Open,
+    /// One trial request may go through, or is in flight.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// The name in stats events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// How a routed request ended, as far as the breaker cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend served it.
+    Success,
+    /// The backend failed it (before or during the stream).
+    Failure,
+    /// It ended for a reason that says nothing about the backend (client cancel, drain).
+    Neutral,
+}
+
+/// Where a request was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Index in priority order.
+    pub backend: usize,
+    /// Whether this request is the half-open trial.
+    pub trial: bool,
+}
+
+#[derive(Debug)]
+enum Breaker {
+    Closed { failures: VecDeque<Time> },
+    Open { until: Time },
+    HalfOpen { trial_in_flight: bool },
+}
+
+#[derive(Debug)]
+struct Backend {
+    ready: bool,
+    breaker: Breaker,
+}
+
+/// The router over all configured backends.
+#[derive(Debug)]
+pub struct Router {
+    policy: BreakerPolicy,
+    backends: Vec<Backend>,
+}
+
+impl Router {
+    /// `count` backends, none ready yet.
+    pub fn new(count: usize, policy: BreakerPolicy) -> Self {
+        let backends = (0..count)
+            .map(|_| Backend {
+                ready: false,
+                breaker: Breaker::Closed { failures: VecDeque::new() },
+            })
+            .collect();
+        Router { policy, backends }
+    }
+
+    /// Number of backends.
+    pub fn len(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Whether there are no backends.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+    }
+
+    /// Marks a backend ready or not.
+    pub fn set_ready(&mut self, backend: usize, ready: bool) {
+        if let Some(b) = self.backends.get_mut(backend) {
+            b.ready = ready;
+        }
+    }
+
+    /// Whether a backend is ready.
+    pub fn is_ready(&self, backend: usize) -> bool {
+        self.backends.get(backend).is_some_and(|b| b.ready)
+    }
+
+    /// Whether every backend is ready.
+    pub fn all_ready(&self) -> bool {
+        self.backends.iter().all(|b| b.ready)
+    }
+
+    /// Picks the first ready backend whose breaker lets a request through, and takes
+    /// the half-open trial if that is what lets it through.
+    pub fn route(&mut self, now: Time) -> Option<Route> {
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            if !b.ready {
+                continue;
+            }
+            if let Breaker::Open { until } = b.breaker
+                && now >= until
+            {
+                b.breaker = Breaker::HalfOpen { trial_in_flight: false };
+            }
+            match &mut b.breaker {
+                Breaker::Closed { .. } => return Some(Route { backend: i, trial: false }),
+                Breaker::HalfOpen { trial_in_flight } if !*trial_in_flight => {
+                    *trial_in_flight = true;
+                    return Some(Route { backend: i, trial: true });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Records how a routed request ended.
+    pub fn report(&mut self, route: Route, outcome: Outcome, now: Time) {
+        let policy = self.policy;
+        let Some(b) = self.backends.get_mut(route.backend) else { return };
+        match (&mut b.breaker, route.trial) {
+            (Breaker::HalfOpen { .. }, true) => {
+                b.breaker = match outcome {
+                    Outcome::Success => Breaker::Closed { failures: VecDeque::new() },
+                    Outcome::Failure => Breaker::Open { until: now + policy.cooldown },
+                    Outcome::Neutral => Breaker::HalfOpen { trial_in_flight: false },
+                };
+            }
+            (Breaker::Closed { failures }, false) if outcome == Outcome::Failure => {
+                while failures
+                    .front()
+                    .is_some_and(|&t| now.saturating_since(t) >= policy.failure_window)
+                {
+                    failures.pop_front();
+                }
+                failures.push_back(now);
+                if failures.len() >= policy.failure_threshold as usize {
+                    b.breaker = Breaker::Open { until: now + policy.cooldown };
+                }
+            }
+            // Outcomes of requests routed before the breaker changed state say nothing
+            // about the backend's state now.
+            _ => {}
+        }
+    }
+
+    /// A backend's breaker state at `now` (an expired cooldown reads as half-open).
+    pub fn breaker_state(&self, backend: usize, now: Time) -> BreakerState {
+        match self.backends.get(backend).map(|b| &b.breaker) {
+            Some(Breaker::Open { until }) if now < *until => BreakerState::Open,
+            Some(Breaker::Open { .. }) | Some(Breaker::HalfOpen { .. }) => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    /// When the earliest open breaker's cooldown ends, if any.
+    pub fn next_cooldown_end(&self) -> Option<Time> {
+        self.backends
+            .iter()
+            .filter_map(|b| match b.breaker {
+                Breaker::Open { until } => Some(until),
+                _ => None,
+            })
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: u64) -> Time {
+        Time::from_secs(s)
+    }
+
+    fn ready_router(n: usize) -> Router {
+        let mut r = Router::new(n, BreakerPolicy::default());
+        for i in 0..n {
+            r.set_ready(i, true);
+        }
+        r
+    }
+
+    #[test]
+    fn priority_order_and_readiness() {
+        let mut r = Router::new(2, BreakerPolicy::default());
+        assert_eq!(r.route(t(0)), None);
+        r.set_ready(1, true);
+        assert_eq!(r.route(t(0)), Some(Route { backend: 1, trial: false }));
+        r.set_ready(0, true);
+        assert!(r.all_ready());
+        assert_eq!(r.route(t(0)), Some(Route { backend: 0, trial: false }));
+    }
+
+    #[test]
+    fn opens_after_threshold_within_window() {
+        let mut r = ready_router(2);
+        let route = Route { backend: 0, trial: false };
+        r.report(route, Outcome::Failure, t(0));
+        r.report(route, Outcome::Failure, t(10));
+        assert_eq!(r.breaker_state(0, t(10)), BreakerState::Closed);
+        r.report(route, Outcome::Failure, t(20));
+        assert_eq!(r.breaker_state(0, t(20)), BreakerState::Open);
+        assert_eq!(r.route(t(21)), Some(Route { backend: 1, trial: false }));
+        assert_eq!(r.next_cooldown_end(), Some(t(50)));
+    }
+
+    #[test]
+    fn failures_outside_window_do_not_count() {
+        let mut r = ready_router(1);
+        let route = Route { backend: 0, trial: false };
+        r.report(route, Outcome::Failure, t(0));
+        r.report(route, Outcome::Failure, t(30));
+        r.report(route, Outcome::Failure, t(61));
+        assert_eq!(r.breaker_state(0, t(61)), BreakerState::Closed);
+        r.report(route, Outcome::Failure, t(62));
+        assert_eq!(r.breaker_state(0, t(62)), BreakerState::Open);
+    }
+
+    #[test]
+    fn neutral_and_success_do_not_count() {
+        let mut r = ready_router(1);
+        let route = Route { backend: 0, trial: false };
+        for i in 0..10 {
+            r.report(route, Outcome::Neutral, t(i));
+            r.report(route, Outcome::Success, t(i));
+        }
+        assert_eq!(r.breaker_state(0, t(10)), BreakerState::Closed);
+    }
+
+    fn open(r: &mut Router, at: u64) {
+        let route = Route { backend: 0, trial: false };
+        for _ in 0..3 {
+            r.report(route, Outcome::Failure, t(at));
+        }
+    }
+
+    #[test]
+    fn half_open_lets_exactly_one_trial_through() {
+        let mut r = ready_router(1);
+        open(&mut r, 0);
+        assert_eq!(r.route(t(29)), None);
+        let trial = r.route(t(30)).unwrap();
+        assert!(trial.trial);
+        assert_eq!(r.route(t(30)), None, "second request during the trial");
+        r.report(trial, Outcome::Success, t(31));
+        assert_eq!(r.breaker_state(0, t(31)), BreakerState::Closed);
+        assert_eq!(r.route(t(31)), Some(Route { backend: 0, trial: false }));
+    }
+
+    #[test]
+    fn failed_trial_reopens_for_another_cooldown() {
+        let mut r = ready_router(1);
+        open(&mut r, 0);
+        let trial = r.route(t(30)).unwrap();
+        r.report(trial, Outcome::Failure, t(35));
+        assert_eq!(r.breaker_state(0, t(35)), BreakerState::Open);
+        assert_eq!(r.route(t(64)), None);
+        assert!(r.route(t(65)).unwrap().trial);
+    }
+
+    #[test]
+    fn cancelled_trial_frees_the_trial_slot() {
+        let mut r = ready_router(1);
+        open(&mut r, 0);
+        let trial = r.route(t(30)).unwrap();
+        r.report(trial, Outcome::Neutral, t(31));
+        assert_eq!(r.breaker_state(0, t(31)), BreakerState::HalfOpen);
+        assert!(r.route(t(31)).unwrap().trial);
+    }
+
+    #[test]
+    fn stale_outcomes_are_ignored() {
+        let mut r = ready_router(1);
+        open(&mut r, 0);
+        // A request routed before the breaker opened finishes late.
+        r.report(Route { backend: 0, trial: false }, Outcome::Success, t(1));
+        assert_eq!(r.breaker_state(0, t(1)), BreakerState::Open);
+    }
+}

@@ -182,6 +182,14 @@ impl<'de> Deserialize<'de> for Int {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
                 Ok(Int(v.into()))
             }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Int, E> {
+                // Integers beyond 64 bits arrive as floats; whole values still count.
+                if v.is_finite() && v.fract() == 0.0 {
+                    Ok(Int(v as i128))
+                } else {
+                    Err(E::invalid_type(de::Unexpected::Float(v), &self))
+                }
+            }
         }
         d.deserialize_any(V)
     }
@@ -385,7 +393,10 @@ impl RawRequest {
     fn validate(self) -> Result<Request, DecodeError> {
         let id = self.id.unwrap_or_default();
         let Some(messages) = self.messages else {
-            return Err(DecodeError::Undecodable { id, message: "missing field `messages`".into() });
+            return Err(DecodeError::Undecodable {
+                id,
+                message: "missing field `messages`".into(),
+            });
         };
         let invalid = |id: String, message: String| Err(DecodeError::Invalid { id, message });
         if messages.is_empty() {
@@ -394,7 +405,10 @@ impl RawRequest {
         let defaults = GenerateRequest::default();
         let temperature = self.temperature.unwrap_or(defaults.temperature.into());
         if !temperature.is_finite() || temperature < 0.0 {
-            return invalid(id, format!("`temperature` must be finite and >= 0, got {temperature}"));
+            return invalid(
+                id,
+                format!("`temperature` must be finite and >= 0, got {temperature}"),
+            );
         }
         let top_p = self.top_p.unwrap_or(defaults.top_p.into());
         if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
@@ -420,7 +434,9 @@ impl RawRequest {
                 _ => {
                     return invalid(
                         id,
-                        format!("`image_token_budget` must be one of 70, 140, 280, 560, 1120, got {b}"),
+                        format!(
+                            "`image_token_budget` must be one of 70, 140, 280, 560, 1120, got {b}"
+                        ),
                     );
                 }
             },
@@ -741,9 +757,11 @@ mod tests {
 
     #[test]
     fn full_request_and_unknown_fields() {
-        let r = ok(r#"{"id":"r1","messages":[{"role":"system","content":"s","x":1},{"role":"user","content":"hi"}],
+        let r = ok(
+            r#"{"id":"r1","messages":[{"role":"system","content":"s","x":1},{"role":"user","content":"hi"}],
             "temperature":0,"top_p":1,"top_k":0,"max_tokens":5,"stream":false,"image_token_budget":280,
-            "grammar":"root ::= \"a\"","future":{"a":[1,2]},"seed":7}"#);
+            "grammar":"root ::= \"a\"","future":{"a":[1,2]},"seed":7}"#,
+        );
         assert_eq!(r.id, "r1");
         assert!(!r.stream);
         assert_eq!(r.params.messages.len(), 2);
@@ -775,7 +793,10 @@ mod tests {
             assert!(e.closes_connection(), "{line}: {e:?}");
             assert_eq!(e.id(), id, "{line}");
         }
-        let e = decode_request(b"{\"id\":\"x\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}").unwrap_err();
+        let e = decode_request(
+            b"{\"id\":\"x\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}",
+        )
+        .unwrap_err();
         assert!(e.closes_connection());
     }
 
@@ -814,19 +835,25 @@ mod tests {
     #[test]
     fn grammar_limits() {
         let big = "a".repeat(MAX_GRAMMAR_BYTES + 1);
-        let line = format!(r#"{{"id":"g","messages":[{{"role":"user","content":"x"}}],"grammar":"{big}"}}"#);
+        let line = format!(
+            r#"{{"id":"g","messages":[{{"role":"user","content":"x"}}],"grammar":"{big}"}}"#
+        );
         assert!(!err(&line).closes_connection());
         let exact = "a".repeat(MAX_GRAMMAR_BYTES);
-        let line = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"grammar":"{exact}"}}"#);
+        let line =
+            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"grammar":"{exact}"}}"#);
         assert_eq!(ok(&line).params.grammar.len(), MAX_GRAMMAR_BYTES);
         let pipes = "|".repeat(MAX_GRAMMAR_ALTERNATIVES + 1);
-        let line = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"grammar":"{pipes}"}}"#);
+        let line =
+            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"grammar":"{pipes}"}}"#);
         assert!(!err(&line).closes_connection());
     }
 
     #[test]
     fn huge_integers_saturate() {
-        let r = ok(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":99999999999999999999,"top_k":5000000000}"#);
+        let r = ok(
+            r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":99999999999999999999,"top_k":5000000000}"#,
+        );
         assert_eq!(r.params.max_tokens, u32::MAX);
         assert_eq!(r.params.top_k, u32::MAX);
     }

@@ -2,3 +2,14 @@
 //! credentials, runtime paths, the activity log sink, hang-up detection.
 //!
 //! Only the shells use this module; the state machines of the core never import it.
+
+pub mod hangup;
+pub mod lock;
+pub mod logfile;
+pub mod paths;
+pub mod peer;
+pub mod socket;
+pub mod time;
+
+#[cfg(test)]
+mod testutil;

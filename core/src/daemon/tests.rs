@@ -1,0 +1,805 @@
+//! The daemon driven by scripted inputs and a fake clock.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use super::*;
+use crate::engine::Completion;
+use crate::wire::Frame;
+
+struct H {
+    d: Daemon,
+    now: Time,
+    out: HashMap<ConnId, Vec<u8>>,
+    closed: HashSet<ConnId>,
+    credits: HashSet<ConnId>,
+    /// Connections whose writes never complete.
+    stalled: HashSet<ConnId>,
+    starts: Vec<(GenId, usize, GenerateRequest)>,
+    cancels: Vec<GenId>,
+    activity: Vec<String>,
+    bound: u32,
+    stop_accepting: bool,
+    exit: Option<(i32, String)>,
+    next_conn: u64,
+}
+
+fn cfg(backends: &[&str]) -> DaemonConfig {
+    DaemonConfig {
+        backends: backends.iter().map(|s| s.to_string()).collect(),
+        ..DaemonConfig::default()
+    }
+}
+
+const HI: &str = r#"{"id":"r1","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn req(id: &str) -> String {
+    format!(r#"{{"id":"{id}","messages":[{{"role":"user","content":"hello"}}]}}"#)
+}
+
+impl H {
+    fn new(cfg: DaemonConfig) -> H {
+        H {
+            d: Daemon::new(cfg, Time::ZERO, 1_795_781_093_000),
+            now: Time::ZERO,
+            out: HashMap::new(),
+            closed: HashSet::new(),
+            credits: HashSet::new(),
+            stalled: HashSet::new(),
+            starts: Vec::new(),
+            cancels: Vec::new(),
+            activity: Vec::new(),
+            bound: 0,
+            stop_accepting: false,
+            exit: None,
+            next_conn: 1,
+        }
+    }
+
+    /// A daemon with its backends loaded and the inference listener bound.
+    fn ready(cfg: DaemonConfig) -> H {
+        let n = cfg.backends.len();
+        let mut h = H::new(cfg);
+        for b in 0..n {
+            h.input(Input::BackendLoaded { backend: b, capabilities: Capabilities::text_cpu() });
+        }
+        assert_eq!(h.bound, 1);
+        h
+    }
+
+    fn input(&mut self, i: Input<'_>) {
+        self.d.handle(self.now, i);
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        let mut flushed = Vec::new();
+        loop {
+            while let Some(o) = self.d.poll_output() {
+                match o {
+                    Output::Send { conn, bytes } => {
+                        assert!(!self.closed.contains(&conn), "send after close");
+                        if !self.stalled.contains(&conn) {
+                            self.out.entry(conn).or_default().extend_from_slice(&bytes);
+                            flushed.push(conn);
+                        }
+                    }
+                    Output::Read { conn } => {
+                        assert!(self.credits.insert(conn), "two read credits for {conn:?}");
+                    }
+                    Output::Close { conn } => {
+                        assert!(self.closed.insert(conn), "closed twice: {conn:?}");
+                        self.credits.remove(&conn);
+                    }
+                    Output::Start { generation, backend, request } => {
+                        self.starts.push((generation, backend, request))
+                    }
+                    Output::Cancel { generation } => self.cancels.push(generation),
+                    Output::Activity(line) => {
+                        let v: serde_json::Value =
+                            serde_json::from_str(&line).expect("activity is JSON");
+                        assert!(v["t"].is_string());
+                        self.activity.push(line);
+                    }
+                    Output::BindInference => self.bound += 1,
+                    Output::StopAccepting => self.stop_accepting = true,
+                    Output::Exit { code, message } => self.exit = Some((code, message)),
+                }
+            }
+            if flushed.is_empty() {
+                break;
+            }
+            for conn in flushed.drain(..) {
+                self.d.handle(self.now, Input::Flushed { conn });
+            }
+        }
+    }
+
+    fn connect(&mut self) -> ConnId {
+        self.connect_kind(ListenerKind::Inference, Transport::Unix)
+    }
+
+    fn connect_kind(&mut self, listener: ListenerKind, transport: Transport) -> ConnId {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let peer = Peer { transport, addr: "peer".into(), uid: Some(1000), pid: Some(42) };
+        self.input(Input::Accepted { conn, listener, peer });
+        conn
+    }
+
+    fn send(&mut self, conn: ConnId, text: &str) {
+        assert!(self.credits.remove(&conn), "the core did not ask to read {conn:?}");
+        self.input(Input::Received { conn, bytes: text.as_bytes() });
+    }
+
+    fn line(&mut self, conn: ConnId, line: &str) {
+        self.send(conn, &format!("{line}\n"));
+    }
+
+    fn frames(&self, conn: ConnId) -> Vec<Frame> {
+        self.out
+            .get(&conn)
+            .map(|b| {
+                b.split(|&c| c == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| Frame::parse(l).expect("frame parses"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn raw_lines(&self, conn: ConnId) -> Vec<serde_json::Value> {
+        self.out
+            .get(&conn)
+            .map(|b| {
+                b.split(|&c| c == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| serde_json::from_slice(l).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn last_start(&self) -> GenId {
+        self.starts.last().expect("a generation started").0
+    }
+
+    fn token(&mut self, g: GenId, text: &[u8]) {
+        self.input(Input::Engine { generation: g, event: EngineEvent::Token(text.to_vec()) });
+    }
+
+    fn done(&mut self, g: GenId, stop: StopReason, tokens: u32) {
+        let c = Completion {
+            usage: Usage { prompt_tokens: 5, completion_tokens: tokens },
+            stop_reason: stop,
+        };
+        self.input(Input::Engine { generation: g, event: EngineEvent::Done(c) });
+    }
+
+    fn fail(&mut self, g: GenId, e: EngineError) {
+        self.input(Input::Engine { generation: g, event: EngineEvent::Failed(e) });
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now = self.now + d;
+        while let Some(t) = self.d.poll_timeout() {
+            if t > self.now {
+                break;
+            }
+            self.input(Input::Timeout);
+        }
+    }
+
+    fn error_code(&self, conn: ConnId) -> Option<ErrorCode> {
+        self.frames(conn).iter().rev().find_map(|f| match f {
+            Frame::Error { code, .. } => Some(*code),
+            _ => None,
+        })
+    }
+
+    fn is_open(&self, conn: ConnId) -> bool {
+        !self.closed.contains(&conn)
+    }
+
+    fn activity_of(&self, msg: &str) -> Vec<serde_json::Value> {
+        self.activity
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["msg"] == msg)
+            .collect()
+    }
+}
+
+#[test]
+fn streams_tokens_then_done_with_concatenated_content() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.line(c, HI);
+    let g = h.last_start();
+    assert_eq!(h.starts[0].2.messages[0].content, "hi");
+    h.now = Time::from_millis(5);
+    h.token(g, b"Hel");
+    h.token(g, b"lo");
+    h.now = Time::from_millis(9);
+    h.done(g, StopReason::End, 2);
+    let f = h.frames(c);
+    assert_eq!(f.len(), 3);
+    assert_eq!(f[0], Frame::Token { id: "r1".into(), content: "Hel".into() });
+    match &f[2] {
+        Frame::Done { id, content, usage, stop_reason, backend, timings } => {
+            assert_eq!(id, "r1");
+            assert_eq!(content, "Hello");
+            assert_eq!(usage.completion_tokens, 2);
+            assert_eq!(*stop_reason, StopReason::End);
+            assert_eq!(backend, "mock");
+            assert_eq!(timings.unwrap(), Timings { queued_ms: 0, ttft_ms: 5, total_ms: 9 });
+        }
+        other => panic!("{other:?}"),
+    }
+    // The connection is read again for the next request.
+    assert!(h.credits.contains(&c));
+    assert_eq!(h.d.stats().served, 1);
+}
+
+#[test]
+fn utf8_split_across_tokens_is_held_back() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.line(c, HI);
+    let g = h.last_start();
+    let e = "é".as_bytes();
+    h.token(g, &[b'a', e[0]]);
+    h.token(g, &[e[1]]);
+    h.token(g, &"🦀".as_bytes()[..3]);
+    h.token(g, &"🦀".as_bytes()[3..]);
+    h.done(g, StopReason::End, 4);
+    let f = h.frames(c);
+    let tokens: Vec<String> = f
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Token { content, .. } => Some(content.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, vec!["a", "é", "🦀"]);
+    match f.last().unwrap() {
+        Frame::Done { content, .. } => assert_eq!(content, &tokens.concat()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stream_false_sends_only_the_terminal_frame() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.line(c, r#"{"id":"q","stream":false,"messages":[{"role":"user","content":"x"}]}"#);
+    let g = h.last_start();
+    h.token(g, b"a");
+    h.token(g, b"b");
+    h.done(g, StopReason::Length, 2);
+    let f = h.frames(c);
+    assert_eq!(f.len(), 1);
+    assert!(
+        matches!(&f[0], Frame::Done { content, stop_reason: StopReason::Length, .. } if content == "ab")
+    );
+}
+
+#[test]
+fn invalid_request_classes() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.line(c, r#"{"id":"v","messages":[]}"#);
+    assert_eq!(h.error_code(c), Some(ErrorCode::InvalidRequest));
+    assert!(h.is_open(c), "decodable but invalid keeps the connection");
+    assert!(h.credits.contains(&c));
+    h.line(c, r#"{"id":"w","messages":"nope"}"#);
+    assert!(!h.is_open(c), "undecodable closes");
+    match h.frames(c).last().unwrap() {
+        Frame::Error { id, code: ErrorCode::InvalidRequest, .. } => assert_eq!(id, "w"),
+        other => panic!("{other:?}"),
+    }
+    assert!(h.starts.is_empty());
+}
+
+#[test]
+fn frame_too_large_closes() {
+    let mut c = cfg(&["mock"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.send(conn, &"x".repeat(2000));
+    assert_eq!(h.error_code(conn), Some(ErrorCode::FrameTooLarge));
+    assert!(!h.is_open(conn));
+    assert_eq!(h.activity_of("request_oversized").len(), 1);
+}
+
+#[test]
+fn queue_full_is_immediate_and_fifo_holds() {
+    let mut c = cfg(&["mock"]);
+    c.queue_depth = 2;
+    let mut h = H::ready(c);
+    let conns: Vec<ConnId> = (0..4).map(|_| h.connect()).collect();
+    for (i, &c) in conns.iter().enumerate() {
+        h.line(c, &req(&format!("q{i}")));
+    }
+    assert_eq!(h.starts.len(), 1);
+    assert_eq!(h.error_code(conns[3]), Some(ErrorCode::QueueFull));
+    assert!(h.is_open(conns[3]), "queue_full keeps the connection");
+    assert_eq!(h.d.stats().queued, 2);
+    // Finishing the first starts the second, then the third: arrival order.
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    assert_eq!(h.starts.len(), 2);
+    let g2 = h.last_start();
+    h.done(g2, StopReason::End, 0);
+    assert_eq!(h.starts.len(), 3);
+    assert!(matches!(h.frames(conns[1]).last(), Some(Frame::Done { id, .. }) if id == "q1"));
+    assert!(matches!(h.frames(conns[2]).last(), Some(Frame::Done { .. })).not());
+    let g3 = h.last_start();
+    h.done(g3, StopReason::End, 0);
+    assert!(matches!(h.frames(conns[2]).last(), Some(Frame::Done { id, .. }) if id == "q2"));
+    assert_eq!(h.d.stats().active, 0);
+    assert_eq!(h.d.stats().rejected, 1);
+}
+
+trait Not {
+    fn not(self) -> bool;
+}
+impl Not for bool {
+    fn not(self) -> bool {
+        !self
+    }
+}
+
+#[test]
+fn cancellation_while_queued_frees_the_place() {
+    let mut c = cfg(&["mock"]);
+    c.queue_depth = 1;
+    let mut h = H::ready(c);
+    let a = h.connect();
+    let b = h.connect();
+    let x = h.connect();
+    h.line(a, &req("a"));
+    h.line(b, &req("b"));
+    h.input(Input::HungUp { conn: b });
+    assert!(!h.is_open(b));
+    assert_eq!(h.d.stats().queued, 0);
+    h.line(x, &req("x"));
+    assert_eq!(h.error_code(x), None, "the freed place was taken");
+    let cancelled = h.activity_of("request_done");
+    assert_eq!(cancelled[0]["stop_reason"], "cancelled");
+    assert_eq!(cancelled[0]["req_id"], "b");
+}
+
+#[test]
+fn cancellation_while_streaming_cancels_and_frees() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let a = h.connect();
+    let b = h.connect();
+    h.line(a, &req("a"));
+    h.line(b, &req("b"));
+    let ga = h.last_start();
+    h.token(ga, b"x");
+    h.input(Input::HungUp { conn: a });
+    assert_eq!(h.cancels, vec![ga]);
+    assert_eq!(h.starts.len(), 2, "b starts at once");
+    // The cancelled engine reports its end later; nothing is sent anywhere.
+    h.done(ga, StopReason::Cancelled, 1);
+    assert_eq!(h.d.generations_running(), 1);
+    let rec = h.activity_of("request_done");
+    assert_eq!(rec[0]["stop_reason"], "cancelled");
+}
+
+#[test]
+fn half_close_still_gets_the_reply() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.line(c, HI);
+    h.input(Input::ReadClosed { conn: c });
+    assert!(h.cancels.is_empty());
+    let g = h.last_start();
+    h.token(g, b"ok");
+    h.done(g, StopReason::End, 1);
+    assert!(matches!(h.frames(c).last(), Some(Frame::Done { content, .. }) if content == "ok"));
+    assert!(!h.is_open(c), "closed after the reply since the peer sent EOF");
+}
+
+#[test]
+fn pipelined_requests_are_kept_and_served_in_order() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.send(c, &format!("{}\n\n{}\n{}", req("p1"), req("p2"), &req("p3")[..10]));
+    assert_eq!(h.starts.len(), 1);
+    assert!(!h.credits.contains(&c), "no read while a request is in progress");
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    assert_eq!(h.starts.len(), 2, "p2 read from the buffer");
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    assert!(h.credits.contains(&c), "p3 incomplete: read more");
+    h.line(c, &req("p3")[10..]);
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    let ids: Vec<String> = h
+        .frames(c)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Done { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, ["p1", "p2", "p3"]);
+}
+
+#[test]
+fn eof_mid_line_drops_it_and_closes() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.send(c, r#"{"id":"half"#);
+    h.input(Input::ReadClosed { conn: c });
+    assert!(!h.is_open(c));
+    assert!(h.frames(c).is_empty());
+}
+
+#[test]
+fn write_stall_drops_the_connection_and_frees_the_place() {
+    let mut c = cfg(&["mock"]);
+    c.write_timeout = Duration::from_secs(10);
+    let mut h = H::ready(c);
+    let slow = h.connect();
+    let other = h.connect();
+    h.stalled.insert(slow);
+    h.line(slow, &req("s"));
+    h.line(other, &req("o"));
+    let g = h.last_start();
+    h.token(g, b"never read");
+    h.advance(Duration::from_secs(9));
+    assert!(h.is_open(slow));
+    h.advance(Duration::from_secs(1));
+    assert!(!h.is_open(slow), "dropped after the write timeout");
+    assert_eq!(h.cancels, vec![g]);
+    assert_eq!(h.starts.len(), 2, "the other client is served");
+}
+
+#[test]
+fn read_timeout_closes_slow_senders_but_not_idle_ones() {
+    let mut c = cfg(&["mock"]);
+    c.read_timeout = Duration::from_secs(5);
+    let mut h = H::ready(c);
+    let idle = h.connect();
+    let slow = h.connect();
+    h.send(slow, "{\"id\":");
+    h.advance(Duration::from_secs(4));
+    assert!(h.is_open(slow));
+    h.advance(Duration::from_secs(1));
+    assert!(!h.is_open(slow));
+    h.advance(Duration::from_secs(60));
+    assert!(h.is_open(idle));
+}
+
+#[test]
+fn max_connections_closes_newcomers() {
+    let mut c = cfg(&["mock"]);
+    c.max_connections = 2;
+    let mut h = H::ready(c);
+    let a = h.connect();
+    let _b = h.connect();
+    let x = h.connect();
+    assert!(!h.is_open(x));
+    h.input(Input::HungUp { conn: a });
+    let y = h.connect();
+    assert!(h.is_open(y));
+}
+
+#[test]
+fn readiness_gating_binds_only_when_all_backends_loaded() {
+    let mut h = H::new(cfg(&["a", "b"]));
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::Mmap { path: "/m".into() } });
+    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    assert_eq!(h.bound, 0);
+    h.input(Input::BackendLoaded { backend: 1, capabilities: Capabilities::text_cpu() });
+    assert_eq!(h.bound, 1);
+    let statuses: Vec<String> =
+        h.raw_lines(admin).iter().map(|v| v["status"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(statuses, ["starting", "loading_model", "capabilities", "capabilities", "ready"]);
+    // A late subscriber gets the capabilities so far, then the snapshot.
+    let late = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let v = h.raw_lines(late);
+    assert_eq!(v.len(), 3);
+    assert_eq!(v[0]["backend"], "a");
+    assert_eq!(v[1]["backend"], "b");
+    assert_eq!(v[2]["status"], "ready");
+}
+
+#[test]
+fn inference_connections_before_ready_are_refused() {
+    let mut h = H::new(cfg(&["a"]));
+    let c = h.connect();
+    assert!(!h.is_open(c));
+}
+
+#[test]
+fn backend_load_failure_exits_non_zero() {
+    let mut h = H::new(cfg(&["llama"]));
+    h.input(Input::BackendFailed { backend: 0, error: EngineError::internal("bad magic") });
+    let (code, msg) = h.exit.clone().unwrap();
+    assert_eq!(code, 1);
+    assert!(msg.contains("llama") && msg.contains("bad magic"), "{msg}");
+}
+
+#[test]
+fn ready_timeout_exits_non_zero() {
+    let mut c = cfg(&["slow"]);
+    c.ready_timeout = Duration::from_secs(30);
+    let mut h = H::new(c);
+    h.advance(Duration::from_secs(29));
+    assert!(h.exit.is_none());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.exit.clone().unwrap().0, 1);
+}
+
+#[test]
+fn backend_errors_before_and_during_the_stream() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    h.line(c, &req("a"));
+    let g = h.last_start();
+    h.fail(g, EngineError::internal("boom"));
+    assert_eq!(h.error_code(c), Some(ErrorCode::Internal));
+    assert!(h.is_open(c));
+    h.line(c, &req("b"));
+    let g = h.last_start();
+    h.fail(g, EngineError::unavailable("gone"));
+    assert_eq!(h.error_code(c), Some(ErrorCode::BackendUnavailable));
+    h.line(c, &req("c"));
+    let g = h.last_start();
+    h.token(g, b"x");
+    h.fail(g, EngineError::internal("mid"));
+    assert_eq!(h.error_code(c), Some(ErrorCode::BackendUnavailable), "mid-stream failure");
+    assert!(h.is_open(c));
+    assert_eq!(h.activity_of("request_error_mid_stream").len(), 1);
+}
+
+#[test]
+fn breaker_opens_half_opens_and_closes_with_the_clock() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    for i in 0..3 {
+        h.line(c, &req(&format!("f{i}")));
+        let g = h.last_start();
+        h.fail(g, EngineError::unavailable("down"));
+    }
+    h.line(c, &req("blocked"));
+    assert_eq!(h.starts.len(), 3, "breaker open: not started");
+    match h.frames(c).last().unwrap() {
+        Frame::Error { code: ErrorCode::BackendUnavailable, message, .. } => {
+            assert!(message.contains("breaker"))
+        }
+        other => panic!("{other:?}"),
+    }
+    h.advance(Duration::from_secs(30));
+    h.line(c, &req("trial"));
+    assert_eq!(h.starts.len(), 4, "half-open trial");
+    let other = h.connect();
+    h.line(other, &req("second"));
+    assert_eq!(h.error_code(other), None, "waits for the trial's place");
+    let g = h.last_start();
+    h.done(g, StopReason::End, 1);
+    assert_eq!(h.starts.len(), 5, "closed again: the queued request starts");
+}
+
+#[test]
+fn failed_trial_reopens() {
+    let mut c = cfg(&["m"]);
+    c.active_permits = 2;
+    let mut h = H::ready(c);
+    let c1 = h.connect();
+    for i in 0..3 {
+        h.line(c1, &req(&format!("f{i}")));
+        let g = h.last_start();
+        h.fail(g, EngineError::unavailable("down"));
+    }
+    h.advance(Duration::from_secs(30));
+    h.line(c1, &req("trial"));
+    let c2 = h.connect();
+    h.line(c2, &req("during-trial"));
+    assert_eq!(h.error_code(c2), Some(ErrorCode::BackendUnavailable), "only one trial");
+    let g = h.last_start();
+    h.fail(g, EngineError::unavailable("still down"));
+    h.line(c2, &req("after"));
+    assert_eq!(h.starts.len(), 4);
+}
+
+#[test]
+fn fallback_to_second_backend_when_first_is_broken() {
+    let mut h = H::ready(cfg(&["primary", "secondary"]));
+    let c = h.connect();
+    for i in 0..3 {
+        h.line(c, &req(&format!("f{i}")));
+        let (g, b, _) = h.starts.last().cloned().unwrap();
+        assert_eq!(b, 0);
+        h.fail(g, EngineError::unavailable("down"));
+    }
+    h.line(c, &req("next"));
+    assert_eq!(h.starts.last().unwrap().1, 1);
+    h.input(Input::BackendReadiness { backend: 1, ready: false });
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    h.line(c, &req("none"));
+    assert_eq!(h.error_code(c), Some(ErrorCode::BackendUnavailable));
+}
+
+#[test]
+fn shutdown_drains_in_flight_and_rejects_queued() {
+    let mut c = cfg(&["m"]);
+    c.drain_timeout = Duration::from_secs(10);
+    let mut h = H::ready(c);
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let running = h.connect();
+    let queued = h.connect();
+    let idle = h.connect();
+    h.line(running, &req("run"));
+    h.line(queued, &req("wait"));
+    h.input(Input::Shutdown);
+    assert!(h.stop_accepting);
+    assert!(!h.is_open(idle));
+    assert!(!h.is_open(queued));
+    match h.frames(queued).last().unwrap() {
+        Frame::Error { code: ErrorCode::BackendUnavailable, message, .. } => {
+            assert!(message.contains("draining"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.exit.is_none(), "in-flight generation still running");
+    let g = h.last_start();
+    h.token(g, b"fin");
+    h.done(g, StopReason::End, 1);
+    assert!(matches!(h.frames(running).last(), Some(Frame::Done { .. })));
+    assert_eq!(h.exit.clone().unwrap().0, 0);
+    assert!(!h.is_open(admin));
+    assert!(h.raw_lines(admin).iter().any(|v| v["status"] == "draining"));
+}
+
+#[test]
+fn drain_deadline_cancels_with_an_error_frame() {
+    let mut c = cfg(&["m"]);
+    c.drain_timeout = Duration::from_secs(10);
+    let mut h = H::ready(c);
+    let running = h.connect();
+    h.line(running, &req("run"));
+    let g = h.last_start();
+    h.input(Input::Shutdown);
+    h.advance(Duration::from_secs(10));
+    assert_eq!(h.cancels, vec![g]);
+    assert_eq!(h.error_code(running), Some(ErrorCode::BackendUnavailable));
+    assert!(!h.is_open(running));
+    assert!(h.exit.is_none(), "waits for the engine to stop");
+    h.done(g, StopReason::Cancelled, 0);
+    assert_eq!(h.exit.clone().unwrap().0, 0);
+}
+
+#[test]
+fn hung_engine_does_not_block_exit_forever() {
+    let mut c = cfg(&["m"]);
+    c.drain_timeout = Duration::from_secs(1);
+    let mut h = H::ready(c);
+    let running = h.connect();
+    h.line(running, &req("run"));
+    h.input(Input::Shutdown);
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.exit.clone().unwrap().0, 0);
+}
+
+#[test]
+fn admin_lag_limit_disconnects_slow_subscribers() {
+    let mut c = cfg(&["m"]);
+    c.admin_lag_limit = 4;
+    let mut h = H::new(c);
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    h.stalled.insert(admin);
+    for i in 0..4 {
+        h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::KvCache { n_ctx: i } });
+    }
+    assert!(h.is_open(admin));
+    h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::KvCache { n_ctx: 9 } });
+    assert!(!h.is_open(admin));
+}
+
+#[test]
+fn stats_events_only_while_something_changed() {
+    let mut h = H::ready(cfg(&["m"]));
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let c = h.connect();
+    h.line(c, &req("a"));
+    h.advance(Duration::from_secs(1));
+    let stats: Vec<_> = h.raw_lines(admin).into_iter().filter(|v| v["status"] == "stats").collect();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0]["active"], 1);
+    assert_eq!(stats[0]["connections"], 1);
+    assert_eq!(stats[0]["breakers"]["m"], "closed");
+    h.advance(Duration::from_secs(5));
+    let n = h.raw_lines(admin).iter().filter(|v| v["status"] == "stats").count();
+    assert_eq!(n, 1, "nothing changed: no more stats");
+}
+
+#[test]
+fn tcp_auth_required_when_key_set() {
+    let mut c = cfg(&["m"]);
+    c.api_key = Some("s3cret-key".into());
+    let mut h = H::ready(c);
+    let good = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    h.send(good, &format!("{}\n{}\n", r#"{"type":"auth","key":"s3cret-key"}"#, req("t")));
+    assert_eq!(h.starts.len(), 1);
+    assert!(h.frames(good).is_empty(), "no reply on success");
+    let bad = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    h.line(bad, r#"{"type":"auth","key":"wrong"}"#);
+    assert!(!h.is_open(bad));
+    assert!(h.frames(bad).is_empty(), "silent close");
+    let skip = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    h.line(skip, &req("no-auth"));
+    assert!(!h.is_open(skip));
+    let big = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    h.send(big, &"a".repeat(5000));
+    assert!(!h.is_open(big));
+    assert_eq!(h.activity_of("tcp_auth_rejected").len(), 3);
+    // Unix peers need no key.
+    let unix = h.connect();
+    h.line(unix, &req("u"));
+    assert_eq!(h.error_code(unix), None);
+    assert_eq!(h.d.stats().queued, 1);
+}
+
+#[test]
+fn activity_never_holds_prompt_text_and_scrubs_secrets() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    let prompt = r#"my prompt text {\"password\":\"hunter2\"} sk-proj-abcdefghijklmnopqrstuv"#;
+    h.line(
+        c,
+        &format!(
+            r#"{{"id":"password=topsecret","messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+        ),
+    );
+    let g = h.last_start();
+    h.token(g, b"generated output text");
+    h.done(g, StopReason::End, 1);
+    h.line(c, r#"{"id":"{\"password\":\"jsonsecret\"}","messages":[]}"#);
+    let all = h.activity.concat();
+    for needle in
+        ["my prompt text", "hunter2", "sk-proj", "generated output", "topsecret", "jsonsecret"]
+    {
+        assert!(!all.contains(needle), "{needle} leaked: {all}");
+    }
+    let done = h.activity_of("request_done");
+    assert_eq!(done[0]["req_id"], "password=[REDACTED]");
+    assert_eq!(done[0]["prompt_tokens"], 5);
+    for k in ["queued_ms", "ttft_ms", "total_ms", "completion_tokens", "backend", "stop_reason"] {
+        assert!(done[0].get(k).is_some(), "{k}");
+    }
+    let acc = h.activity_of("connection_accepted");
+    assert_eq!(acc[0]["peer_uid"], 1000);
+    assert_eq!(acc[0]["transport"], "unix");
+}
+
+#[test]
+fn max_tokens_zero_is_passed_to_the_engine() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    h.line(c, r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#);
+    assert_eq!(h.starts[0].2.max_tokens, 0);
+}
+
+#[test]
+fn done_over_the_frame_cap_becomes_an_error() {
+    let mut c = cfg(&["m"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.line(conn, r#"{"id":"big","stream":false,"messages":[{"role":"user","content":"x"}]}"#);
+    let g = h.last_start();
+    h.token(g, "y".repeat(2000).as_bytes());
+    h.done(g, StopReason::End, 1);
+    assert_eq!(h.error_code(conn), Some(ErrorCode::BackendUnavailable));
+    assert!(h.out[&conn].split(|&b| b == b'\n').all(|l| l.len() <= 1024));
+}
