@@ -61,7 +61,8 @@ impl HangupWatcher {
         loop {
             events.clear();
             let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
-            match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), Some(&zero)) {
+            match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut events), Some(&zero))
+            {
                 Ok(_) => {}
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),

@@ -76,7 +76,9 @@ impl InstanceLock {
             Ok(meta) if meta.file_type().is_symlink() => {
                 return Err(LockError::Symlink { path: path.to_owned() });
             }
-            Ok(meta) if !meta.is_file() => return Err(LockError::NotRegular { path: path.to_owned() }),
+            Ok(meta) if !meta.is_file() => {
+                return Err(LockError::NotRegular { path: path.to_owned() });
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("inspect", e)),
@@ -93,7 +95,9 @@ impl InstanceLock {
             .custom_flags(i32::try_from(flags.bits()).unwrap_or(0))
             .open(path)
             .map_err(|e| match e.raw_os_error() {
-                Some(code) if code == Errno::LOOP.raw_os_error() => LockError::Symlink { path: path.to_owned() },
+                Some(code) if code == Errno::LOOP.raw_os_error() => {
+                    LockError::Symlink { path: path.to_owned() }
+                }
                 Some(code) if code == Errno::ISDIR.raw_os_error() => {
                     LockError::NotRegular { path: path.to_owned() }
                 }
@@ -148,10 +152,7 @@ mod tests {
         let first = InstanceLock::acquire(&path).unwrap();
         assert_eq!(first.path(), path);
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            format!("{}\n", std::process::id())
-        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", std::process::id()));
 
         // flock belongs to the open file description, so a second open in the same
         // process conflicts just as another daemon would.
@@ -165,7 +166,10 @@ mod tests {
         }
         let message = err.to_string();
         assert!(
-            message.starts_with(&format!("another inferd daemon holds the lock at {}", path.display())),
+            message.starts_with(&format!(
+                "another inferd daemon holds the lock at {}",
+                path.display()
+            )),
             "{message}"
         );
 
@@ -183,10 +187,7 @@ mod tests {
         let path = tmp.join("inferd.lock");
         std::fs::write(&path, b"999999\nold junk that is longer than a pid\n").unwrap();
         let _lock = InstanceLock::acquire(&path).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            format!("{}\n", std::process::id())
-        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{}\n", std::process::id()));
     }
 
     #[test]
@@ -212,7 +213,8 @@ mod tests {
         assert!(err.to_string().contains("not a regular file"));
 
         let fifo = tmp.join("fifo.lock");
-        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
+            .unwrap();
         assert!(matches!(InstanceLock::acquire(&fifo), Err(LockError::NotRegular { .. })));
     }
 

@@ -68,7 +68,11 @@ pub enum PathError {
 /// Unset, empty and relative values are skipped: the XDG base-directory spec says a
 /// relative path must be ignored, and a socket path that depends on the working
 /// directory would not be found by clients.
-pub fn resolve_runtime_dir(xdg_runtime_dir: Option<&OsStr>, home: Option<&OsStr>, uid: u32) -> PathBuf {
+pub fn resolve_runtime_dir(
+    xdg_runtime_dir: Option<&OsStr>,
+    home: Option<&OsStr>,
+    uid: u32,
+) -> PathBuf {
     if let Some(xdg) = usable_dir(xdg_runtime_dir) {
         return xdg.join("inferd");
     }
@@ -133,7 +137,9 @@ pub fn ensure_private_dir(path: impl AsRef<Path>) -> Result<(), PathError> {
         Ok(meta) if meta.file_type().is_symlink() => {
             return Err(PathError::Symlink { path: path.to_owned() });
         }
-        Ok(meta) if !meta.is_dir() => return Err(PathError::NotADirectory { path: path.to_owned() }),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(PathError::NotADirectory { path: path.to_owned() });
+        }
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // Parents get 0700 too: `~/.inferd` holds the config and logs as well.
@@ -146,19 +152,18 @@ pub fn ensure_private_dir(path: impl AsRef<Path>) -> Result<(), PathError> {
         Err(e) => return Err(io_err("inspect", e)),
     }
 
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(nofollow_directory_flags())
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
-                PathError::Symlink { path: path.to_owned() }
-            }
-            Some(code) if code == rustix::io::Errno::NOTDIR.raw_os_error() => {
-                PathError::NotADirectory { path: path.to_owned() }
-            }
-            _ => io_err("open directory", e),
-        })?;
+    let dir =
+        OpenOptions::new().read(true).custom_flags(nofollow_directory_flags()).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
+                    PathError::Symlink { path: path.to_owned() }
+                }
+                Some(code) if code == rustix::io::Errno::NOTDIR.raw_os_error() => {
+                    PathError::NotADirectory { path: path.to_owned() }
+                }
+                _ => io_err("open directory", e),
+            },
+        )?;
     let meta = dir.metadata().map_err(|e| io_err("inspect", e))?;
     let ours = rustix::process::geteuid().as_raw();
     if meta.uid() != ours {
@@ -197,9 +202,18 @@ mod tests {
             resolve_runtime_dir(os("/run/user/1000"), os("/home/a"), 1000),
             PathBuf::from("/run/user/1000/inferd")
         );
-        assert_eq!(resolve_runtime_dir(None, os("/home/a"), 1000), PathBuf::from("/home/a/.inferd/run"));
-        assert_eq!(resolve_runtime_dir(os(""), os("/home/a"), 1000), PathBuf::from("/home/a/.inferd/run"));
-        assert_eq!(resolve_runtime_dir(os("run"), os("/home/a"), 1000), PathBuf::from("/home/a/.inferd/run"));
+        assert_eq!(
+            resolve_runtime_dir(None, os("/home/a"), 1000),
+            PathBuf::from("/home/a/.inferd/run")
+        );
+        assert_eq!(
+            resolve_runtime_dir(os(""), os("/home/a"), 1000),
+            PathBuf::from("/home/a/.inferd/run")
+        );
+        assert_eq!(
+            resolve_runtime_dir(os("run"), os("/home/a"), 1000),
+            PathBuf::from("/home/a/.inferd/run")
+        );
         assert_eq!(resolve_runtime_dir(None, None, 1000), PathBuf::from("/tmp/inferd-1000"));
         assert_eq!(resolve_runtime_dir(os(""), os("relative"), 0), PathBuf::from("/tmp/inferd-0"));
         // The wrapper reads something of the same shape; it must be absolute.
@@ -209,8 +223,14 @@ mod tests {
     #[test]
     fn log_dir_and_config_path() {
         let home = Some(Path::new("/home/a"));
-        assert_eq!(resolve_log_dir(Some(OsStr::new("/var/log/x")), home), Some(PathBuf::from("/var/log/x")));
-        assert_eq!(resolve_log_dir(Some(OsStr::new("")), home), Some(PathBuf::from("/home/a/.inferd/logs")));
+        assert_eq!(
+            resolve_log_dir(Some(OsStr::new("/var/log/x")), home),
+            Some(PathBuf::from("/var/log/x"))
+        );
+        assert_eq!(
+            resolve_log_dir(Some(OsStr::new("")), home),
+            Some(PathBuf::from("/home/a/.inferd/logs"))
+        );
         assert_eq!(resolve_log_dir(None, home), Some(PathBuf::from("/home/a/.inferd/logs")));
         assert_eq!(resolve_log_dir(None, None), None);
         assert_eq!(resolve_config_path(home), Some(PathBuf::from("/home/a/.inferd/config.json")));

@@ -51,7 +51,7 @@ pub enum SocketError {
         path: PathBuf,
     },
     /// A system call on a Unix socket failed.
-    #[error("cannot {op} the socket {path}: {source}")]
+    #[error("cannot {op} {path}: {source}")]
     Io {
         /// What we were doing.
         op: &'static str,
@@ -76,7 +76,7 @@ pub enum SocketError {
     },
     /// The TCP address is not a loopback address; the inference protocol has no
     /// transport security, so it must not be reachable from the network.
-    #[error("refusing to listen on {addr}: only loopback addresses (127.0.0.0/8, ::1, localhost) are allowed")]
+    #[error("refusing to listen on {addr}: only loopback (127.0.0.0/8, ::1, localhost) is allowed")]
     NotLoopback {
         /// The address as configured.
         addr: String,
@@ -123,14 +123,20 @@ pub fn bind_unix_listener(path: impl AsRef<Path>, mode: u32) -> Result<UnixListe
     let io_err = |op, source| SocketError::Io { op, path: path.to_owned(), source };
     clear_stale_socket(path)?;
 
-    let addr = SocketAddrUnix::new(path).map_err(|_| SocketError::PathTooLong { path: path.to_owned() })?;
-    let fd: OwnedFd =
-        rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
-            .map_err(|e| io_err("create", e.into()))?;
+    let addr = SocketAddrUnix::new(path)
+        .map_err(|_| SocketError::PathTooLong { path: path.to_owned() })?;
+    let fd: OwnedFd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| io_err("create a socket for", e.into()))?;
     // bind creates the file with the socket inode's mode (minus the umask), so setting
     // it first means the file never exists with the default 0777 & ~umask.
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o777)).map_err(|e| io_err("set the mode of", e.into()))?;
-    rustix::net::bind(&fd, &addr).map_err(|e| io_err("bind", e.into()))?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o777))
+        .map_err(|e| io_err("set the mode of the socket", e.into()))?;
+    rustix::net::bind(&fd, &addr).map_err(|e| io_err("bind the socket", e.into()))?;
     if let Err(e) = finish_bind(&fd, path, mode) {
         // Leave no dead socket file behind a failed setup.
         let _ = remove_socket_file(path);
@@ -148,13 +154,16 @@ fn finish_bind(fd: &OwnedFd, path: &Path, mode: u32) -> Result<(), SocketError> 
     // follow a symlink swapped in meanwhile.
     let meta = std::fs::symlink_metadata(path).map_err(|e| io_err("inspect", e))?;
     if !meta.file_type().is_socket() {
-        return Err(SocketError::NotASocket { path: path.to_owned(), kind: describe(meta.file_type()) });
+        return Err(SocketError::NotASocket {
+            path: path.to_owned(),
+            kind: describe(meta.file_type()),
+        });
     }
     if meta.mode() & 0o777 != mode & 0o777 {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
-            .map_err(|e| io_err("set the mode of", e))?;
+            .map_err(|e| io_err("set the mode of the socket", e))?;
     }
-    rustix::net::listen(fd, LISTEN_BACKLOG).map_err(|e| io_err("listen on", e.into()))
+    rustix::net::listen(fd, LISTEN_BACKLOG).map_err(|e| io_err("listen on the socket", e.into()))
 }
 
 /// Makes the path free for a new socket, or says why it cannot be.
@@ -175,12 +184,22 @@ fn clear_stale_socket(path: &Path) -> Result<(), SocketError> {
     // the question open, and removing a live daemon's socket would orphan it.
     match UnixStream::connect(path) {
         Ok(_) => Err(SocketError::AlreadyListening { path: path.to_owned() }),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(SocketError::Io { op: "remove the stale", path: path.to_owned(), source: e }),
-        },
-        Err(e) => Err(SocketError::Io { op: "probe the existing", path: path.to_owned(), source: e }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(SocketError::Io {
+                    op: "remove the stale socket",
+                    path: path.to_owned(),
+                    source: e,
+                }),
+            }
+        }
+        Err(e) => Err(SocketError::Io {
+            op: "probe the existing socket",
+            path: path.to_owned(),
+            source: e,
+        }),
     }
 }
 
@@ -192,9 +211,13 @@ pub fn remove_socket_file(path: impl AsRef<Path>) -> Result<(), SocketError> {
         Ok(meta) if meta.file_type().is_socket() => match std::fs::remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(SocketError::Io { op: "remove", path: path.to_owned(), source: e }),
+            Err(e) => {
+                Err(SocketError::Io { op: "remove the socket", path: path.to_owned(), source: e })
+            }
         },
-        Ok(meta) => Err(SocketError::NotASocket { path: path.to_owned(), kind: describe(meta.file_type()) }),
+        Ok(meta) => {
+            Err(SocketError::NotASocket { path: path.to_owned(), kind: describe(meta.file_type()) })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(SocketError::Io { op: "inspect", path: path.to_owned(), source: e }),
     }
@@ -208,16 +231,21 @@ pub fn chown_group(path: impl AsRef<Path>, group: &str) -> Result<u32, SocketErr
         Ok(gid) => gid,
         Err(_) => {
             let table = std::fs::read_to_string("/etc/group").map_err(|e| SocketError::Io {
-                op: "read /etc/group for the group of",
+                op: "read /etc/group to set the group of",
                 path: path.to_owned(),
                 source: e,
             })?;
-            find_group(&table, group.trim())
-                .ok_or_else(|| SocketError::UnknownGroup { group: group.to_owned(), path: path.to_owned() })?
+            find_group(&table, group.trim()).ok_or_else(|| SocketError::UnknownGroup {
+                group: group.to_owned(),
+                path: path.to_owned(),
+            })?
         }
     };
-    std::os::unix::fs::lchown(path, None, Some(gid))
-        .map_err(|e| SocketError::Io { op: "change the group of", path: path.to_owned(), source: e })?;
+    std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| SocketError::Io {
+        op: "change the group of",
+        path: path.to_owned(),
+        source: e,
+    })?;
     Ok(gid)
 }
 
@@ -424,7 +452,14 @@ mod tests {
 
     #[test]
     fn non_loopback_tcp_is_refused() {
-        for addr in ["0.0.0.0:47321", "192.168.1.2:80", "[::]:1", "[::ffff:127.0.0.1]:1", "example.com:80", "10.0.0.1"] {
+        for addr in [
+            "0.0.0.0:47321",
+            "192.168.1.2:80",
+            "[::]:1",
+            "[::ffff:127.0.0.1]:1",
+            "example.com:80",
+            "10.0.0.1",
+        ] {
             let err = parse_loopback_addr(addr).unwrap_err();
             assert!(matches!(err, SocketError::NotLoopback { .. }), "{addr}: {err:?}");
             assert!(err.to_string().contains(addr), "{err}");

@@ -12,7 +12,8 @@ impl TempDir {
     pub(crate) fn new(tag: &str) -> TempDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("inferd-host-{tag}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("inferd-host-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)

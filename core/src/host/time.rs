@@ -58,7 +58,10 @@ impl MonotonicClock {
     pub fn instant_of(&self, time: Time) -> Instant {
         let far = Duration::from_secs(100 * 365 * 24 * 3600);
         let offset = Duration::from_nanos(time.as_nanos());
-        self.origin.checked_add(offset).or_else(|| self.origin.checked_add(far)).unwrap_or(self.origin)
+        self.origin
+            .checked_add(offset)
+            .or_else(|| self.origin.checked_add(far))
+            .unwrap_or(self.origin)
     }
 
     /// How long from now until `time`; zero if it has passed.
