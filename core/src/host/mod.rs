@@ -13,3 +13,5 @@ pub mod time;
 
 #[cfg(test)]
 mod testutil;
+pub mod bridge;
+pub mod driver;

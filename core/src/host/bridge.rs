@@ -1,0 +1,158 @@
+//! The engine-thread bridge: engines run on OS threads the shell owns, and their events
+//! travel back to the driver through its event channel.
+//!
+//! Generations run on a pool that grows on demand and keeps its threads: starting a
+//! thread per generation would cost more than a one-token request itself.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use async_channel::Sender;
+
+use crate::daemon::GenId;
+use crate::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
+use crate::host::driver::Event;
+
+struct Job {
+    generation: GenId,
+    engine: Arc<dyn Engine>,
+    request: GenerateRequest,
+    cancel: CancelFlag,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    idle: usize,
+    shutdown: bool,
+}
+
+/// Runs generations on pooled threads and reports their events.
+pub struct EnginePool {
+    engines: Vec<Arc<dyn Engine>>,
+    events: Sender<Event>,
+    shared: Arc<(Mutex<Queue>, Condvar)>,
+}
+
+impl EnginePool {
+    /// A pool over the configured engines (priority order) reporting into `events`.
+    pub fn new(engines: Vec<Arc<dyn Engine>>, events: Sender<Event>) -> Self {
+        EnginePool { engines, events, shared: Arc::default() }
+    }
+
+    /// Loads every engine on a thread of its own, reporting phases and the outcome.
+    pub fn load_all(&self) {
+        for (backend, engine) in self.engines.iter().enumerate() {
+            let engine = engine.clone();
+            let events = self.events.clone();
+            let spawned = std::thread::Builder::new().name(format!("inferd-load-{backend}")).spawn(
+                move || {
+                    let progress_events = events.clone();
+                    let mut progress = |phase| {
+                        let _ =
+                            progress_events.send_blocking(Event::BackendPhase { backend, phase });
+                    };
+                    let outcome = catch_unwind(AssertUnwindSafe(|| engine.load(&mut progress)))
+                        .unwrap_or_else(|_| {
+                            Err(EngineError::internal("engine panicked while loading"))
+                        });
+                    let event = match outcome {
+                        Ok(capabilities) => Event::BackendLoaded { backend, capabilities },
+                        Err(error) => Event::BackendFailed { backend, error },
+                    };
+                    let _ = events.send_blocking(event);
+                },
+            );
+            if let Err(e) = spawned {
+                let error = EngineError::internal(format!("cannot start a loader thread: {e}"));
+                let _ = self.events.try_send(Event::BackendFailed { backend, error });
+            }
+        }
+    }
+
+    /// Starts a generation; its events arrive as [`Event::Engine`].
+    pub fn start(&self, generation: GenId, backend: usize, request: GenerateRequest) -> CancelFlag {
+        let cancel = CancelFlag::new();
+        let Some(engine) = self.engines.get(backend).cloned() else {
+            let event = EngineEvent::Failed(EngineError::internal("no such backend"));
+            let _ = self.events.try_send(Event::Engine { generation, event });
+            return cancel;
+        };
+        let (lock, cvar) = &*self.shared;
+        let mut q = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        q.jobs.push_back(Job { generation, engine, request, cancel: cancel.clone() });
+        let short = q.jobs.len() > q.idle;
+        drop(q);
+        cvar.notify_one();
+        if short {
+            self.spawn_worker();
+        }
+        cancel
+    }
+
+    fn spawn_worker(&self) {
+        let shared = self.shared.clone();
+        let events = self.events.clone();
+        let spawned = std::thread::Builder::new()
+            .name("inferd-engine".into())
+            .spawn(move || worker(shared, events));
+        if let Err(e) = spawned {
+            // Fail the queued job rather than leave it waiting for a thread forever.
+            let (lock, _) = &*self.shared;
+            let job = lock.lock().unwrap_or_else(PoisonError::into_inner).jobs.pop_back();
+            if let Some(job) = job {
+                let event = EngineEvent::Failed(EngineError::unavailable(format!(
+                    "cannot start an engine thread: {e}"
+                )));
+                let _ = self.events.try_send(Event::Engine { generation: job.generation, event });
+            }
+        }
+    }
+}
+
+impl Drop for EnginePool {
+    fn drop(&mut self) {
+        let (lock, cvar) = &*self.shared;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).shutdown = true;
+        cvar.notify_all();
+    }
+}
+
+fn worker(shared: Arc<(Mutex<Queue>, Condvar)>, events: Sender<Event>) {
+    let (lock, cvar) = &*shared;
+    loop {
+        let job = {
+            let mut q = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if q.shutdown {
+                    return;
+                }
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                q.idle += 1;
+                q = cvar.wait(q).unwrap_or_else(PoisonError::into_inner);
+                q.idle -= 1;
+            }
+        };
+        run_job(job, &events);
+    }
+}
+
+fn run_job(job: Job, events: &Sender<Event>) {
+    let generation = job.generation;
+    let mut on_token = |bytes: &[u8]| {
+        let event = EngineEvent::Token(bytes.to_vec());
+        let _ = events.send_blocking(Event::Engine { generation, event });
+    };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        job.engine.generate(&job.request, &job.cancel, &mut on_token)
+    }))
+    .unwrap_or_else(|_| Err(EngineError::internal("engine panicked")));
+    let event = match result {
+        Ok(done) => EngineEvent::Done(done),
+        Err(e) => EngineEvent::Failed(e),
+    };
+    let _ = events.send_blocking(Event::Engine { generation, event });
+}

@@ -1,0 +1,499 @@
+//! The driver loop shared by every async shell: it owns the [`Daemon`], turns socket,
+//! engine and signal events into inputs, and carries out the outputs.
+//!
+//! What differs per runtime (spawning tasks, timers, wrapping sockets) sits behind the
+//! small [`Runtime`] trait; everything else is written once, here.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender, TryRecvError};
+
+use crate::config::DaemonConfig;
+use crate::daemon::{ConnId, Daemon, GenId, Input, ListenerKind, Output, Peer, Stats};
+use crate::engine::{CancelFlag, Capabilities, Engine, EngineError, EngineEvent, LoadPhase};
+use crate::host::bridge::EnginePool;
+use crate::host::hangup::HangupWatcher;
+use crate::host::logfile::ActivityLogFile;
+use crate::host::socket;
+use crate::host::time::MonotonicClock;
+
+/// A boxed future, as runtimes hand them out.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Something that happened, reported to the driver by tasks and threads.
+#[derive(Debug)]
+pub enum Event {
+    /// A connection was accepted and its tasks started.
+    Accepted {
+        /// Its name.
+        conn: ConnId,
+        /// Which listener.
+        listener: ListenerKind,
+        /// Who.
+        peer: Peer,
+        /// How to reach its tasks.
+        handle: ConnHandle,
+    },
+    /// Bytes read after a read credit.
+    Received {
+        /// Which connection.
+        conn: ConnId,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// The peer shut down its write side.
+    ReadClosed {
+        /// Which connection.
+        conn: ConnId,
+    },
+    /// The peer is gone.
+    HungUp {
+        /// Which connection.
+        conn: ConnId,
+    },
+    /// A write finished.
+    Flushed {
+        /// Which connection.
+        conn: ConnId,
+    },
+    /// An engine reported on a generation.
+    Engine {
+        /// Which generation.
+        generation: GenId,
+        /// What happened.
+        event: EngineEvent,
+    },
+    /// A backend's loading progressed.
+    BackendPhase {
+        /// Which backend.
+        backend: usize,
+        /// The phase.
+        phase: LoadPhase,
+    },
+    /// A backend is ready.
+    BackendLoaded {
+        /// Which backend.
+        backend: usize,
+        /// What it can do.
+        capabilities: Capabilities,
+    },
+    /// A backend failed to load.
+    BackendFailed {
+        /// Which backend.
+        backend: usize,
+        /// Why.
+        error: EngineError,
+    },
+    /// SIGTERM/SIGINT or a host's stop request.
+    Shutdown,
+}
+
+/// What the driver tells a connection's writer task.
+#[derive(Debug)]
+pub enum WriteCmd {
+    /// Write these bytes, then report [`Event::Flushed`].
+    Bytes(Vec<u8>),
+    /// Shut the socket down and end the connection's tasks.
+    Close,
+}
+
+/// The driver's end of a connection's tasks.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// One message per read credit.
+    pub reads: Sender<()>,
+    /// Writes and the close.
+    pub writes: Sender<WriteCmd>,
+}
+
+/// The channels a connection's tasks use; made by [`AcceptCtx::register`].
+#[derive(Debug)]
+pub struct ConnTasks {
+    /// The connection's name.
+    pub conn: ConnId,
+    /// Read credits from the driver.
+    pub reads: Receiver<()>,
+    /// Write commands from the driver.
+    pub writes: Receiver<WriteCmd>,
+    /// Where to report.
+    pub events: Sender<Event>,
+}
+
+/// What an accept loop needs: where to report, how to name connections, and the
+/// hang-up watcher to register them with.
+#[derive(Clone, Debug)]
+pub struct AcceptCtx {
+    events: Sender<Event>,
+    ids: Arc<AtomicU64>,
+    hangups: Arc<HangupWatcher>,
+}
+
+impl AcceptCtx {
+    /// Names a freshly accepted connection, watches it for hang-ups, and announces it to
+    /// the driver. Returns the channels its reader and writer tasks serve.
+    pub fn register(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        listener: ListenerKind,
+        peer: Peer,
+    ) -> ConnTasks {
+        let conn = ConnId(self.ids.fetch_add(1, Ordering::Relaxed));
+        // Without the watcher a client leaving mid-request is still noticed at the next
+        // write; the watcher only makes it sooner.
+        let _ = self.hangups.add(fd, conn.0);
+        let (read_tx, read_rx) = async_channel::unbounded();
+        let (write_tx, write_rx) = async_channel::unbounded();
+        let handle = ConnHandle { reads: read_tx, writes: write_tx };
+        let _ = self.events.try_send(Event::Accepted { conn, listener, peer, handle });
+        ConnTasks { conn, reads: read_rx, writes: write_rx, events: self.events.clone() }
+    }
+}
+
+/// The peer of a Unix connection, from SO_PEERCRED.
+pub fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> Peer {
+    let creds = crate::host::peer::peer_credentials(fd);
+    Peer {
+        transport: crate::daemon::Transport::Unix,
+        addr: "unix".into(),
+        uid: creds.map(|c| c.0),
+        pid: creds.map(|c| c.1),
+    }
+}
+
+/// The peer of a TCP connection.
+pub fn tcp_peer(addr: Option<std::net::SocketAddr>) -> Peer {
+    Peer {
+        transport: crate::daemon::Transport::Tcp,
+        addr: addr.map_or_else(|| "tcp".into(), |a| a.to_string()),
+        uid: None,
+        pid: None,
+    }
+}
+
+/// Keeps an accept loop alive; dropping it stops accepting.
+pub type AcceptGuard = Box<dyn Send>;
+
+/// The few things that differ between async runtimes.
+pub trait Runtime: Clone + 'static {
+    /// A future that completes after `d`.
+    fn sleep(&self, d: Duration) -> BoxFuture;
+    /// Spawns an accept loop on a Unix listener; each connection gets a reader and a
+    /// writer task (see [`AcceptCtx::register`]).
+    fn listen_unix(
+        &self,
+        listener: UnixListener,
+        kind: ListenerKind,
+        ctx: AcceptCtx,
+    ) -> io::Result<AcceptGuard>;
+    /// Spawns an accept loop on a loopback TCP listener (inference only).
+    fn listen_tcp(&self, listener: std::net::TcpListener, ctx: AcceptCtx)
+    -> io::Result<AcceptGuard>;
+    /// Spawns a task that awaits the watcher's descriptor and reports
+    /// [`Event::HungUp`] for each connection it names.
+    fn watch_hangups(&self, watcher: Arc<HangupWatcher>, events: Sender<Event>) -> io::Result<()>;
+}
+
+/// Everything the driver needs, prepared by the shell (lock held, admin socket bound).
+pub struct ServeSetup {
+    /// The state machine's configuration.
+    pub config: DaemonConfig,
+    /// Engines in priority order, matching `config.backends`.
+    pub engines: Vec<Arc<dyn Engine>>,
+    /// The admin listener, already bound with mode 0600.
+    pub admin: UnixListener,
+    /// The admin socket's path, removed at exit.
+    pub admin_path: PathBuf,
+    /// Where to bind the inference socket once ready.
+    pub infer_path: PathBuf,
+    /// Group to give the inference socket, if any.
+    pub group: Option<String>,
+    /// Loopback TCP address for inference, if any.
+    pub tcp: Option<String>,
+    /// The activity log, if one is kept.
+    pub log: Option<ActivityLogFile>,
+}
+
+/// A way to reach a running driver from outside: stop it and read its counters.
+#[derive(Clone, Debug)]
+pub struct DriverHandle {
+    events: Sender<Event>,
+    stats: Arc<std::sync::Mutex<Stats>>,
+}
+
+impl DriverHandle {
+    /// Asks the daemon to drain and exit, as SIGTERM does.
+    pub fn shutdown(&self) {
+        let _ = self.events.try_send(Event::Shutdown);
+    }
+
+    /// The counters as of the driver's last step.
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A sender of events into the driver (signals, tests).
+    pub fn events(&self) -> Sender<Event> {
+        self.events.clone()
+    }
+}
+
+/// The driver, made by [`Driver::new`] and consumed by [`Driver::run`].
+pub struct Driver<R: Runtime> {
+    rt: R,
+    setup: ServeSetup,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    stats: Arc<std::sync::Mutex<Stats>>,
+}
+
+/// Log lines are written when the loop goes idle or once this much is pending.
+const LOG_BATCH_BYTES: usize = 64 * 1024;
+
+impl<R: Runtime> Driver<R> {
+    /// A driver for `setup` on runtime `rt`.
+    pub fn new(rt: R, setup: ServeSetup) -> Self {
+        let (tx, rx) = async_channel::unbounded();
+        Driver { rt, setup, tx, rx, stats: Arc::default() }
+    }
+
+    /// A handle to stop the driver and read its counters.
+    pub fn handle(&self) -> DriverHandle {
+        DriverHandle { events: self.tx.clone(), stats: self.stats.clone() }
+    }
+
+    /// Serves until the daemon exits; returns the exit status and the reason.
+    pub async fn run(self) -> (i32, String) {
+        let Driver { rt, setup, tx, rx, stats } = self;
+        let ServeSetup { config, engines, admin, admin_path, infer_path, group, tcp, mut log } =
+            setup;
+        let clock = MonotonicClock::new();
+        let mut daemon =
+            Daemon::new(config, clock.now(), crate::host::time::unix_millis_now());
+        let hangups = match HangupWatcher::new() {
+            Ok(w) => Arc::new(w),
+            Err(e) => return (1, format!("cannot create the hang-up watcher: {e}")),
+        };
+        if let Err(e) = rt.watch_hangups(hangups.clone(), tx.clone()) {
+            return (1, format!("cannot watch for hang-ups: {e}"));
+        }
+        let ctx = AcceptCtx { events: tx.clone(), ids: Arc::new(AtomicU64::new(1)), hangups };
+        let mut listeners: Vec<AcceptGuard> = Vec::new();
+        match rt.listen_unix(admin, ListenerKind::Admin, ctx.clone()) {
+            Ok(g) => listeners.push(g),
+            Err(e) => return (1, format!("cannot serve the admin socket: {e}")),
+        }
+        let pool = EnginePool::new(engines, tx.clone());
+        pool.load_all();
+
+        let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
+        let mut cancels: HashMap<GenId, CancelFlag> = HashMap::new();
+        let mut infer_bound = false;
+        let mut pending: Vec<Event> = Vec::new();
+        let result = 'serve: loop {
+            // Carry out everything the daemon wants done.
+            while let Some(out) = daemon.poll_output() {
+                match out {
+                    Output::Send { conn, bytes } => {
+                        let sent = conns.get(&conn).is_some_and(|h| h.writes.try_send(WriteCmd::Bytes(bytes)).is_ok());
+                        if !sent {
+                            pending.push(Event::HungUp { conn });
+                        }
+                    }
+                    Output::Read { conn } => {
+                        let sent = conns.get(&conn).is_some_and(|h| h.reads.try_send(()).is_ok());
+                        if !sent {
+                            pending.push(Event::HungUp { conn });
+                        }
+                    }
+                    Output::Close { conn } => {
+                        if let Some(h) = conns.remove(&conn) {
+                            let _ = h.writes.try_send(WriteCmd::Close);
+                        }
+                    }
+                    Output::Start { generation, backend, request } => {
+                        cancels.insert(generation, pool.start(generation, backend, request));
+                    }
+                    Output::Cancel { generation } => {
+                        if let Some(flag) = cancels.get(&generation) {
+                            flag.cancel();
+                        }
+                    }
+                    Output::Activity(line) => {
+                        if let Some(log) = log.as_mut() {
+                            log.push(&line);
+                            if log.pending_bytes() >= LOG_BATCH_BYTES {
+                                let _ = log.flush();
+                            }
+                        }
+                    }
+                    Output::BindInference => {
+                        match bind_inference(&rt, &ctx, &infer_path, group.as_deref(), tcp.as_deref()) {
+                            Ok(mut guards) => {
+                                infer_bound = true;
+                                listeners.append(&mut guards);
+                            }
+                            Err(msg) => break 'serve (1, msg),
+                        }
+                    }
+                    Output::StopAccepting => {
+                        listeners.clear();
+                        if infer_bound {
+                            let _ = socket::remove_socket_file(&infer_path);
+                        }
+                        let _ = socket::remove_socket_file(&admin_path);
+                    }
+                    Output::Exit { code, message } => break 'serve (code, message),
+                }
+            }
+            if let Ok(mut s) = stats.lock() {
+                *s = daemon.stats();
+            }
+            // Next event: what is already queued first, then wait (flushing the log).
+            let event = if let Some(ev) = pending.pop() {
+                ev
+            } else {
+                match rx.try_recv() {
+                    Ok(ev) => ev,
+                    Err(TryRecvError::Closed) => break (1, "event channel closed".into()),
+                    Err(TryRecvError::Empty) => {
+                        if let Some(log) = log.as_mut() {
+                            if let Err(e) = log.flush() {
+                                eprintln!("inferd: activity log: {e}");
+                            }
+                        }
+                        let deadline = daemon.poll_timeout();
+                        match wait(&rt, &rx, deadline.map(|t| clock.until(t))).await {
+                            Some(ev) => ev,
+                            None => {
+                                daemon.handle(clock.now(), Input::Timeout);
+                                continue;
+                            }
+                        }
+                    }
+                }
+            };
+            let now = clock.now();
+            if let Some(t) = daemon.poll_timeout()
+                && t <= now
+            {
+                daemon.handle(now, Input::Timeout);
+            }
+            match event {
+                Event::Accepted { conn, listener, peer, handle } => {
+                    conns.insert(conn, handle);
+                    daemon.handle(now, Input::Accepted { conn, listener, peer });
+                }
+                Event::Received { conn, bytes } => {
+                    daemon.handle(now, Input::Received { conn, bytes: &bytes })
+                }
+                Event::ReadClosed { conn } => daemon.handle(now, Input::ReadClosed { conn }),
+                Event::HungUp { conn } => daemon.handle(now, Input::HungUp { conn }),
+                Event::Flushed { conn } => daemon.handle(now, Input::Flushed { conn }),
+                Event::Engine { generation, event } => {
+                    if !matches!(event, EngineEvent::Token(_)) {
+                        cancels.remove(&generation);
+                    }
+                    daemon.handle(now, Input::Engine { generation, event });
+                }
+                Event::BackendPhase { backend, phase } => {
+                    daemon.handle(now, Input::BackendPhase { backend, phase })
+                }
+                Event::BackendLoaded { backend, capabilities } => {
+                    daemon.handle(now, Input::BackendLoaded { backend, capabilities })
+                }
+                Event::BackendFailed { backend, error } => {
+                    daemon.handle(now, Input::BackendFailed { backend, error })
+                }
+                Event::Shutdown => daemon.handle(now, Input::Shutdown),
+            }
+        };
+        // Whatever the reason for leaving: close connections, stop engines, tidy files.
+        for (_, h) in conns.drain() {
+            let _ = h.writes.try_send(WriteCmd::Close);
+        }
+        for flag in cancels.values() {
+            flag.cancel();
+        }
+        drop(listeners);
+        if infer_bound {
+            let _ = socket::remove_socket_file(&infer_path);
+        }
+        let _ = socket::remove_socket_file(&admin_path);
+        if let Some(mut log) = log {
+            let _ = log.flush();
+        }
+        result
+    }
+}
+
+/// Waits for the next event or the deadline (`None` when the deadline came first).
+async fn wait<R: Runtime>(rt: &R, rx: &Receiver<Event>, timeout: Option<Duration>) -> Option<Event> {
+    let recv = async { rx.recv().await.ok() };
+    match timeout {
+        None => recv.await,
+        Some(d) => {
+            let sleep = rt.sleep(d);
+            futures_lite::future::or(recv, async {
+                sleep.await;
+                None
+            })
+            .await
+        }
+    }
+}
+
+fn bind_inference<R: Runtime>(
+    rt: &R,
+    ctx: &AcceptCtx,
+    path: &std::path::Path,
+    group: Option<&str>,
+    tcp: Option<&str>,
+) -> Result<Vec<AcceptGuard>, String> {
+    let mut guards = Vec::new();
+    let listener = socket::bind_unix_listener(path, 0o660).map_err(|e| e.to_string())?;
+    if let Some(group) = group {
+        socket::chown_group(path, group).map_err(|e| e.to_string())?;
+    }
+    guards.push(
+        rt.listen_unix(listener, ListenerKind::Inference, ctx.clone())
+            .map_err(|e| format!("cannot serve {}: {e}", path.display()))?,
+    );
+    if let Some(addr) = tcp {
+        let listener = socket::bind_tcp_loopback(addr).map_err(|e| e.to_string())?;
+        guards.push(rt.listen_tcp(listener, ctx.clone()).map_err(|e| format!("cannot serve TCP {addr}: {e}"))?);
+    }
+    Ok(guards)
+}
+
+/// Reads once from a non-blocking descriptor into a fresh buffer sized to what came.
+/// `Ok(None)` means the read would block.
+pub fn read_once(mut r: impl io::Read) -> io::Result<Option<Vec<u8>>> {
+    // The buffer lives on this stack frame only, not in any connection's future, so an
+    // idle connection holds no read buffer.
+    let mut buf = [0u8; 16 * 1024];
+    match r.read(&mut buf) {
+        Ok(n) => Ok(Some(buf[..n].to_vec())),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reports the outcome of one read to the driver; returns false when the reader should stop.
+pub fn report_read(tasks: &ConnTasks, outcome: io::Result<Vec<u8>>) -> bool {
+    let conn = tasks.conn;
+    let (event, go_on) = match outcome {
+        Ok(bytes) if bytes.is_empty() => (Event::ReadClosed { conn }, true),
+        Ok(bytes) => (Event::Received { conn, bytes }, true),
+        Err(_) => (Event::HungUp { conn }, false),
+    };
+    tasks.events.try_send(event).is_ok() && go_on
+}

@@ -1,0 +1,303 @@
+//! What both inferd shells share above the core: the `serve` command line (flags and
+//! `INFERD_*` variables), layering it over the config file, the engine registry, and
+//! the start-up steps that come before the event loop (lock, runtime directory, admin
+//! socket, activity log).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use inferd_core::config::{BackendSpec, ConfigError, Settings};
+use inferd_core::engine::Engine;
+use inferd_core::host::driver::ServeSetup;
+use inferd_core::host::lock::InstanceLock;
+use inferd_core::host::logfile::ActivityLogFile;
+use inferd_core::host::{paths, socket};
+use inferd_engine_llama::{LlamaConfig, LlamaEngine};
+use inferd_engine_mock::{MockConfig, MockEngine};
+use serde_json::Value;
+
+/// The flags of `serve`, each also settable by an `INFERD_*` variable (a flag wins).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Config file (JSON). Missing is fine at the default path, an error elsewhere.
+    #[arg(long, env = "INFERD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Backend to serve: `mock` or `llamacpp` (replaces the config's backend list).
+    #[arg(long, env = "INFERD_BACKEND", value_name = "KIND")]
+    pub backend: Option<String>,
+    /// Runtime directory for the sockets and the lock [default: $XDG_RUNTIME_DIR/inferd,
+    /// then ~/.inferd/run, then /tmp/inferd-<uid>].
+    #[arg(long, env = "INFERD_RUNTIME_DIR", value_name = "DIR")]
+    pub runtime_dir: Option<String>,
+    /// Lock file [default: <runtime-dir>/inferd.lock].
+    #[arg(long, env = "INFERD_LOCK", value_name = "PATH")]
+    pub lock: Option<String>,
+    /// Inference socket [default: <runtime-dir>/infer.sock].
+    #[arg(long, env = "INFERD_UDS", value_name = "PATH")]
+    pub uds: Option<String>,
+    /// Admin socket [default: <runtime-dir>/admin.sock].
+    #[arg(long, env = "INFERD_ADMIN_ADDR", value_name = "PATH")]
+    pub admin_addr: Option<String>,
+    /// Also serve inference on this loopback TCP address (e.g. 127.0.0.1:47321).
+    #[arg(long, env = "INFERD_TCP", value_name = "ADDR")]
+    pub tcp: Option<String>,
+    /// Key TCP clients must present in their first line.
+    #[arg(long, env = "INFERD_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Group given read/write access to the inference socket.
+    #[arg(long, env = "INFERD_GROUP", value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Requests generating at once [default: 1].
+    #[arg(long, env = "INFERD_ACTIVE_PERMITS", value_name = "N")]
+    pub active_permits: Option<u32>,
+    /// Requests waiting at once [default: 10].
+    #[arg(long, env = "INFERD_QUEUE_DEPTH", value_name = "N")]
+    pub queue_depth: Option<u32>,
+    /// Give up when the backends are not ready after this long; 0 waits forever [default: 600].
+    #[arg(long, env = "INFERD_READY_TIMEOUT_SECS", value_name = "SECS")]
+    pub ready_timeout_secs: Option<u64>,
+    /// Drop a client whose frames cannot be written for this long; 0 disables [default: 60].
+    #[arg(long, env = "INFERD_WRITE_TIMEOUT_SECS", value_name = "SECS")]
+    pub write_timeout_secs: Option<u64>,
+    /// Close a client whose request line is unfinished after this long; 0 disables [default: 60].
+    #[arg(long, env = "INFERD_READ_TIMEOUT_SECS", value_name = "SECS")]
+    pub read_timeout_secs: Option<u64>,
+    /// Let in-flight generations finish for this long on shutdown [default: 30].
+    #[arg(long, env = "INFERD_DRAIN_TIMEOUT_SECS", value_name = "SECS")]
+    pub drain_timeout_secs: Option<u64>,
+    /// Open inference connections at most [default: 1024].
+    #[arg(long, env = "INFERD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<u32>,
+    /// Activity log directory [default: $INFERD_LOG_DIR, then ~/.inferd/logs].
+    #[arg(long, env = "INFERD_LOG_DIR", value_name = "DIR")]
+    pub log_dir: Option<String>,
+    /// GGUF model for the llamacpp backend.
+    #[arg(long, env = "INFERD_MODEL_PATH", value_name = "PATH")]
+    pub model_path: Option<String>,
+    /// Refuse to start unless the model file has this SHA-256.
+    #[arg(long, env = "INFERD_MODEL_SHA256", value_name = "HEX")]
+    pub model_sha256: Option<String>,
+    /// Context length for llamacpp; 0 uses the model's [default: 4096].
+    #[arg(long, env = "INFERD_N_CTX", value_name = "N")]
+    pub n_ctx: Option<u32>,
+    /// Layers to offload to a GPU (llamacpp) [default: 0].
+    #[arg(long, env = "INFERD_N_GPU_LAYERS", value_name = "N")]
+    pub n_gpu_layers: Option<u32>,
+    /// CPU threads for llamacpp [default: up to 4].
+    #[arg(long, env = "INFERD_N_THREADS", value_name = "N")]
+    pub n_threads: Option<u32>,
+    /// Mock: produce exactly N tokens (cycling the echoed words).
+    #[arg(long, env = "INFERD_MOCK_TOKENS", value_name = "N")]
+    pub mock_tokens: Option<u32>,
+    /// Mock: delay before each token.
+    #[arg(long, env = "INFERD_MOCK_TOKEN_DELAY_MS", value_name = "MS")]
+    pub mock_token_delay_ms: Option<u64>,
+    /// Mock: fail `before` the stream or `after:N` tokens.
+    #[arg(long, env = "INFERD_MOCK_FAIL", value_name = "WHEN")]
+    pub mock_fail: Option<String>,
+    /// Mock: take this long to load, publishing progress.
+    #[arg(long, env = "INFERD_MOCK_LOAD_MS", value_name = "MS")]
+    pub mock_load_ms: Option<u64>,
+}
+
+/// Why `serve` cannot start.
+#[derive(Debug)]
+pub struct StartError {
+    /// What to tell the operator.
+    pub message: String,
+    /// The exit status: 2 for configuration mistakes, 1 for everything else.
+    pub code: i32,
+}
+
+impl StartError {
+    fn usage(message: impl Into<String>) -> Self {
+        StartError { message: message.into(), code: 2 }
+    }
+    fn fail(message: impl Into<String>) -> Self {
+        StartError { message: message.into(), code: 1 }
+    }
+}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        StartError::usage(e.to_string())
+    }
+}
+
+impl ServeArgs {
+    /// The flags (and variables) as a settings layer.
+    pub fn to_settings(&self) -> Result<Settings, ConfigError> {
+        let mut s = Settings::default();
+        let mut set = |key: &str, v: Option<Value>| -> Result<(), ConfigError> {
+            match v {
+                Some(v) => s.set(key, &v),
+                None => Ok(()),
+            }
+        };
+        set("backend", self.backend.clone().map(Value::from))?;
+        set("runtime_dir", self.runtime_dir.clone().map(Value::from))?;
+        set("lock", self.lock.clone().map(Value::from))?;
+        set("uds", self.uds.clone().map(Value::from))?;
+        set("admin_addr", self.admin_addr.clone().map(Value::from))?;
+        set("tcp", self.tcp.clone().map(Value::from))?;
+        set("api_key", self.api_key.clone().map(Value::from))?;
+        set("group", self.group.clone().map(Value::from))?;
+        set("active_permits", self.active_permits.map(Value::from))?;
+        set("queue_depth", self.queue_depth.map(Value::from))?;
+        set("ready_timeout_secs", self.ready_timeout_secs.map(Value::from))?;
+        set("write_timeout_secs", self.write_timeout_secs.map(Value::from))?;
+        set("read_timeout_secs", self.read_timeout_secs.map(Value::from))?;
+        set("drain_timeout_secs", self.drain_timeout_secs.map(Value::from))?;
+        set("max_connections", self.max_connections.map(Value::from))?;
+        set("log_dir", self.log_dir.clone().map(Value::from))?;
+        set("model_path", self.model_path.clone().map(Value::from))?;
+        set("model_sha256", self.model_sha256.clone().map(Value::from))?;
+        set("n_ctx", self.n_ctx.map(Value::from))?;
+        set("n_gpu_layers", self.n_gpu_layers.map(Value::from))?;
+        set("n_threads", self.n_threads.map(Value::from))?;
+        set("mock_tokens", self.mock_tokens.map(Value::from))?;
+        set("mock_token_delay_ms", self.mock_token_delay_ms.map(Value::from))?;
+        set("mock_fail", self.mock_fail.clone().map(Value::from))?;
+        set("mock_load_ms", self.mock_load_ms.map(Value::from))?;
+        Ok(s)
+    }
+
+    /// The config file's settings layered under the flags.
+    pub fn settings(&self) -> Result<Settings, StartError> {
+        let (path, explicit) = match &self.config {
+            Some(p) => (Some(p.clone()), true),
+            None => (paths::default_config_path(), false),
+        };
+        let mut settings = match path {
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(text) => Settings::from_json(&text).map_err(|e| {
+                    StartError::usage(format!("{}: {e}", path.display()))
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Settings::default(),
+                Err(e) => {
+                    return Err(StartError::usage(format!(
+                        "cannot read config file {}: {e}",
+                        path.display()
+                    )));
+                }
+            },
+            None => Settings::default(),
+        };
+        settings.merge(self.to_settings()?);
+        Ok(settings)
+    }
+}
+
+/// Builds the engine for one configured backend.
+pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
+    match spec.kind.as_str() {
+        "mock" => {
+            let cfg = MockConfig::from_options(&spec.options).map_err(|e| format!("backend {spec}: {e}"))?;
+            Ok(Arc::new(MockEngine::new(cfg)))
+        }
+        "llamacpp" => {
+            let cfg = LlamaConfig::from_options(&spec.options).map_err(|e| format!("backend {spec}: {e}"))?;
+            Ok(Arc::new(LlamaEngine::new(cfg)))
+        }
+        other => Err(format!("backend {spec}: unknown kind {other:?}")),
+    }
+}
+
+/// Where the daemon's files go, resolved from the settings.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The runtime directory (created 0700).
+    pub runtime_dir: PathBuf,
+    /// The lock file.
+    pub lock: PathBuf,
+    /// The inference socket.
+    pub infer: PathBuf,
+    /// The admin socket.
+    pub admin: PathBuf,
+    /// The activity log directory, if one is kept.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Paths {
+    /// Resolves every path from the settings and the spec's defaults.
+    pub fn resolve(s: &Settings) -> Paths {
+        let runtime_dir = s.runtime_dir.as_ref().map(PathBuf::from).unwrap_or_else(paths::runtime_dir);
+        let under = |v: &Option<String>, leaf: &str| v.as_ref().map(PathBuf::from).unwrap_or_else(|| runtime_dir.join(leaf));
+        Paths {
+            lock: under(&s.lock, "inferd.lock"),
+            infer: under(&s.uds, "infer.sock"),
+            admin: under(&s.admin_addr, "admin.sock"),
+            log_dir: s.log_dir.as_ref().map(PathBuf::from).or_else(paths::default_log_dir),
+            runtime_dir,
+        }
+    }
+}
+
+/// A daemon ready to run: the lock is held, the admin socket bound.
+pub struct Prepared {
+    /// What the driver needs.
+    pub setup: ServeSetup,
+    /// The single-instance lock; keep it alive while serving.
+    pub lock: InstanceLock,
+    /// The resolved paths, for messages.
+    pub paths: Paths,
+}
+
+/// The message given when no backend is configured.
+pub const NO_BACKEND: &str = "no backend configured.\n\
+  Serve a model:        inferd serve --backend llamacpp --model-path /path/to/model.gguf\n\
+  Try it without one:   inferd serve --backend mock\n\
+  Or list backends in the config file (~/.inferd/config.json):\n\
+    {\"backends\": [{\"kind\": \"llamacpp\", \"model_path\": \"/path/to/model.gguf\"}]}";
+
+/// Resolves the configuration and does everything before the event loop: validates,
+/// builds engines, creates the runtime directory, takes the lock, binds the admin
+/// socket and opens the activity log.
+pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
+    let settings = args.settings()?;
+    let config = settings.daemon_config()?;
+    let specs = settings.resolved_backends();
+    if specs.is_empty() {
+        return Err(StartError::usage(NO_BACKEND));
+    }
+    let engines = specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>().map_err(StartError::usage)?;
+    if let Some(tcp) = &settings.tcp {
+        socket::parse_loopback_addr(tcp).map_err(|e| StartError::usage(e.to_string()))?;
+    }
+    let paths = Paths::resolve(&settings);
+    for dir in [Some(paths.runtime_dir.as_path()), paths.lock.parent(), paths.infer.parent(), paths.admin.parent()]
+        .into_iter()
+        .flatten()
+    {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        paths::ensure_private_dir(dir).map_err(|e| StartError::fail(e.to_string()))?;
+    }
+    let lock = InstanceLock::acquire(&paths.lock).map_err(|e| StartError::fail(e.to_string()))?;
+    let admin = socket::bind_unix_listener(&paths.admin, 0o600).map_err(|e| StartError::fail(e.to_string()))?;
+    let log = match &paths.log_dir {
+        Some(dir) => Some(ActivityLogFile::open(dir).map_err(|e| StartError::fail(e.to_string()))?),
+        None => None,
+    };
+    Ok(Prepared {
+        setup: ServeSetup {
+            config,
+            engines,
+            admin,
+            admin_path: paths.admin.clone(),
+            infer_path: paths.infer.clone(),
+            group: settings.group.clone(),
+            tcp: settings.tcp.clone(),
+            log,
+        },
+        lock,
+        paths,
+    })
+}
+
+/// Whether `path` is where a daemon's inference socket would be (for client messages).
+pub fn describe_socket(path: &Path) -> String {
+    path.display().to_string()
+}

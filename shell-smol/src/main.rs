@@ -1,0 +1,106 @@
+//! `inferd`: the daemon (`serve`) and its command-line client.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use inferd::SmolRuntime;
+use inferd::client::{self, ClientArgs, GenerateArgs, StatusArgs};
+use inferd_core::host::driver::{Driver, Event};
+use inferd_serve::ServeArgs;
+
+/// A local LLM inference daemon: one warm model, served over a Unix socket in NDJSON.
+#[derive(Parser, Debug)]
+#[command(name = "inferd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: load the backends, then serve until SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Send a prompt to the daemon and stream the answer to stdout.
+    Generate {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: GenerateArgs,
+    },
+    /// Follow the daemon's admin socket: state, load progress and stats.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: StatusArgs,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Generate { client, args } => client::generate(&client, &args),
+        Command::Status { client, args } => client::status(&client, &args),
+        Command::Version => {
+            println!("inferd {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let prepared = match inferd_serve::prepare(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("inferd: {}", e.message);
+            return ExitCode::from(e.code as u8);
+        }
+    };
+    let ex = Arc::new(smol::Executor::new());
+    let driver = Driver::new(SmolRuntime::new(ex.clone()), prepared.setup);
+    let events = driver.handle().events();
+    let signals = match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("inferd: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    ex.spawn(async move {
+        use futures_lite::StreamExt;
+        let mut signals = signals;
+        let mut seen = 0;
+        while let Some(Ok(_)) = signals.next().await {
+            seen += 1;
+            if seen == 1 {
+                let _ = events.send(Event::Shutdown).await;
+            } else {
+                // A second signal: the operator wants out now.
+                eprintln!("inferd: second signal, exiting without draining");
+                std::process::exit(130);
+            }
+        }
+    })
+    .detach();
+    eprintln!(
+        "inferd: admin socket {}; inference socket {} once ready",
+        prepared.paths.admin.display(),
+        prepared.paths.infer.display()
+    );
+    let (code, message) = smol::block_on(ex.run(driver.run()));
+    drop(prepared.lock);
+    if !message.is_empty() {
+        eprintln!("inferd: {message}");
+    }
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
