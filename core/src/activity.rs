@@ -7,7 +7,7 @@
 
 use crate::redact::redact;
 use crate::time::Time;
-use crate::wire::write_json_str;
+use crate::wire::{write_json_str, write_u64};
 
 /// Maps monotonic time to wall-clock time from one reading taken at start.
 #[derive(Clone, Copy, Debug)]
@@ -71,7 +71,7 @@ impl Record {
     /// Adds a numeric field.
     pub fn num(mut self, key: &str, value: u64) -> Self {
         self.key(key);
-        self.line.extend_from_slice(value.to_string().as_bytes());
+        write_u64(&mut self.line, value);
         self
     }
 
@@ -103,14 +103,25 @@ pub fn write_rfc3339(out: &mut Vec<u8>, unix_ms: u64) {
     let secs = unix_ms / 1000;
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let sod = secs % 86_400;
-    let s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60,
-        unix_ms % 1000
-    );
-    out.extend_from_slice(s.as_bytes());
+    let mut field = |v: u64, width: usize, sep: u8| {
+        let mut digits = [b'0'; 4];
+        let mut v = v;
+        for slot in digits[..width].iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        out.extend_from_slice(&digits[..width]);
+        if sep != 0 {
+            out.push(sep);
+        }
+    };
+    field(y.clamp(0, 9999) as u64, 4, b'-');
+    field(m.into(), 2, b'-');
+    field(d.into(), 2, b'T');
+    field(sod / 3600, 2, b':');
+    field((sod / 60) % 60, 2, b':');
+    field(sod % 60, 2, b'.');
+    field(unix_ms % 1000, 3, b'Z');
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).

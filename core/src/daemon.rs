@@ -3,6 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::activity::{Level, Record, WallClock};
 use crate::admin::{self, AdminState, StatsEvent};
@@ -207,6 +208,29 @@ pub struct Stats {
     pub rejected: u64,
 }
 
+/// Hashes the daemon's own sequential ids with one multiply: SipHash's protection
+/// against chosen keys buys nothing for ids nobody else picks, and it sits on the
+/// per-token path.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing spreads sequential ids over the high bits the table uses.
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
 /// The longest TCP authentication line accepted (spec §6).
 pub const MAX_AUTH_LINE_BYTES: usize = 4096;
 
@@ -294,10 +318,10 @@ pub struct Daemon {
     wall: WallClock,
     now: Time,
     phase: Phase,
-    conns: HashMap<ConnId, Conn>,
+    conns: IdMap<ConnId, Conn>,
     inference_conns: u32,
     admin_conns: Vec<ConnId>,
-    gens: HashMap<GenId, Gen>,
+    gens: IdMap<GenId, Gen>,
     next_gen: u64,
     admission: Admission<ConnId>,
     router: Router,
@@ -329,10 +353,10 @@ impl Daemon {
             wall: WallClock::new(now, wall_unix_ms),
             now,
             phase: Phase::Starting,
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             inference_conns: 0,
             admin_conns: Vec::new(),
-            gens: HashMap::new(),
+            gens: IdMap::default(),
             next_gen: 1,
             outputs: VecDeque::new(),
             flush_queue: VecDeque::new(),

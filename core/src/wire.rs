@@ -578,7 +578,8 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` in decimal.
+pub fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
