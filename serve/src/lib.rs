@@ -3,11 +3,11 @@
 //! the start-up steps that come before the event loop (lock, runtime directory, admin
 //! socket, activity log).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use inferd_core::config::{BackendSpec, ConfigError, Settings};
+use inferd_core::config::{BackendSpec, ConfigError, DaemonConfig, Settings};
 use inferd_core::engine::Engine;
 use inferd_core::host::driver::ServeSetup;
 use inferd_core::host::lock::InstanceLock;
@@ -111,10 +111,12 @@ pub struct StartError {
 }
 
 impl StartError {
-    fn usage(message: impl Into<String>) -> Self {
+    /// A configuration mistake (exit status 2).
+    pub fn usage(message: impl Into<String>) -> Self {
         StartError { message: message.into(), code: 2 }
     }
-    fn fail(message: impl Into<String>) -> Self {
+    /// Any other start-up failure (exit status 1).
+    pub fn fail(message: impl Into<String>) -> Self {
         StartError { message: message.into(), code: 1 }
     }
 }
@@ -261,22 +263,43 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     if specs.is_empty() {
         return Err(StartError::usage(NO_BACKEND));
     }
-    let engines = specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>().map_err(StartError::usage)?;
-    if let Some(tcp) = &settings.tcp {
+    let engines = specs
+        .iter()
+        .map(build_engine)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StartError::usage)?;
+    prepare_files(
+        config,
+        engines,
+        Paths::resolve(&settings),
+        settings.group.clone(),
+        settings.tcp.clone(),
+    )
+}
+
+/// The file-system steps of start-up for a resolved configuration: checks the TCP
+/// address, creates the private directories, takes the lock, binds the admin socket
+/// (0600) and opens the activity log. Embedding hosts call this directly.
+pub fn prepare_files(
+    config: DaemonConfig,
+    engines: Vec<Arc<dyn Engine>>,
+    paths: Paths,
+    group: Option<String>,
+    tcp: Option<String>,
+) -> Result<Prepared, StartError> {
+    if let Some(tcp) = &tcp {
         socket::parse_loopback_addr(tcp).map_err(|e| StartError::usage(e.to_string()))?;
     }
-    let paths = Paths::resolve(&settings);
-    for dir in [Some(paths.runtime_dir.as_path()), paths.lock.parent(), paths.infer.parent(), paths.admin.parent()]
-        .into_iter()
-        .flatten()
-    {
+    let dirs = [Some(paths.runtime_dir.as_path()), paths.lock.parent(), paths.infer.parent(), paths.admin.parent()];
+    for dir in dirs.into_iter().flatten() {
         if dir.as_os_str().is_empty() {
             continue;
         }
         paths::ensure_private_dir(dir).map_err(|e| StartError::fail(e.to_string()))?;
     }
     let lock = InstanceLock::acquire(&paths.lock).map_err(|e| StartError::fail(e.to_string()))?;
-    let admin = socket::bind_unix_listener(&paths.admin, 0o600).map_err(|e| StartError::fail(e.to_string()))?;
+    let admin = socket::bind_unix_listener(&paths.admin, 0o600)
+        .map_err(|e| StartError::fail(e.to_string()))?;
     let log = match &paths.log_dir {
         Some(dir) => Some(ActivityLogFile::open(dir).map_err(|e| StartError::fail(e.to_string()))?),
         None => None,
@@ -288,16 +311,11 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
             admin,
             admin_path: paths.admin.clone(),
             infer_path: paths.infer.clone(),
-            group: settings.group.clone(),
-            tcp: settings.tcp.clone(),
+            group,
+            tcp,
             log,
         },
         lock,
         paths,
     })
-}
-
-/// Whether `path` is where a daemon's inference socket would be (for client messages).
-pub fn describe_socket(path: &Path) -> String {
-    path.display().to_string()
 }

@@ -31,14 +31,23 @@ struct Queue {
 /// Runs generations on pooled threads and reports their events.
 pub struct EnginePool {
     engines: Vec<Arc<dyn Engine>>,
+    /// Loading progress and failures the driver raises itself (never blocks).
     events: Sender<Event>,
+    /// Generation events; bounded, so an engine faster than the driver waits for it.
+    generations: Sender<Event>,
     shared: Arc<(Mutex<Queue>, Condvar)>,
 }
 
 impl EnginePool {
-    /// A pool over the configured engines (priority order) reporting into `events`.
-    pub fn new(engines: Vec<Arc<dyn Engine>>, events: Sender<Event>) -> Self {
-        EnginePool { engines, events, shared: Arc::default() }
+    /// A pool over the configured engines (priority order). Loading events go to
+    /// `events`; generation events to `generations`, whose bound is the backpressure
+    /// that keeps a fast engine from burying the driver's socket events.
+    pub fn new(
+        engines: Vec<Arc<dyn Engine>>,
+        events: Sender<Event>,
+        generations: Sender<Event>,
+    ) -> Self {
+        EnginePool { engines, events, generations, shared: Arc::default() }
     }
 
     /// Loads every engine on a thread of its own, reporting phases and the outcome.
@@ -93,7 +102,7 @@ impl EnginePool {
 
     fn spawn_worker(&self) {
         let shared = self.shared.clone();
-        let events = self.events.clone();
+        let events = self.generations.clone();
         let spawned = std::thread::Builder::new()
             .name("inferd-engine".into())
             .spawn(move || worker(shared, events));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender, TryRecvError};
+use async_channel::{Receiver, Sender};
 
 use crate::config::DaemonConfig;
 use crate::daemon::{ConnId, Daemon, GenId, Input, ListenerKind, Output, Peer, Stats};
@@ -194,8 +194,11 @@ pub trait Runtime: Clone + 'static {
         ctx: AcceptCtx,
     ) -> io::Result<AcceptGuard>;
     /// Spawns an accept loop on a loopback TCP listener (inference only).
-    fn listen_tcp(&self, listener: std::net::TcpListener, ctx: AcceptCtx)
-    -> io::Result<AcceptGuard>;
+    fn listen_tcp(
+        &self,
+        listener: std::net::TcpListener,
+        ctx: AcceptCtx,
+    ) -> io::Result<AcceptGuard>;
     /// Spawns a task that awaits the watcher's descriptor and reports
     /// [`Event::HungUp`] for each connection it names.
     fn watch_hangups(&self, watcher: Arc<HangupWatcher>, events: Sender<Event>) -> io::Result<()>;
@@ -254,6 +257,9 @@ pub struct Driver<R: Runtime> {
     stats: Arc<std::sync::Mutex<Stats>>,
 }
 
+/// Engine events queued at most before an engine thread waits for the driver.
+const GENERATION_EVENTS: usize = 1024;
+
 /// Log lines are written when the loop goes idle or once this much is pending.
 const LOG_BATCH_BYTES: usize = 64 * 1024;
 
@@ -275,8 +281,7 @@ impl<R: Runtime> Driver<R> {
         let ServeSetup { config, engines, admin, admin_path, infer_path, group, tcp, mut log } =
             setup;
         let clock = MonotonicClock::new();
-        let mut daemon =
-            Daemon::new(config, clock.now(), crate::host::time::unix_millis_now());
+        let mut daemon = Daemon::new(config, clock.now(), crate::host::time::unix_millis_now());
         let hangups = match HangupWatcher::new() {
             Ok(w) => Arc::new(w),
             Err(e) => return (1, format!("cannot create the hang-up watcher: {e}")),
@@ -290,7 +295,12 @@ impl<R: Runtime> Driver<R> {
             Ok(g) => listeners.push(g),
             Err(e) => return (1, format!("cannot serve the admin socket: {e}")),
         }
-        let pool = EnginePool::new(engines, tx.clone());
+        // Engine events travel on their own bounded channel and are taken after socket
+        // events: a `Flushed` must never wait behind thousands of queued tokens (the
+        // write-stall timer would fire for a client that is reading fine), and an
+        // engine faster than the driver blocks instead of growing a queue.
+        let (gen_tx, gen_rx) = async_channel::bounded(GENERATION_EVENTS);
+        let pool = EnginePool::new(engines, tx.clone(), gen_tx);
         pool.load_all();
 
         let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
@@ -302,7 +312,9 @@ impl<R: Runtime> Driver<R> {
             while let Some(out) = daemon.poll_output() {
                 match out {
                     Output::Send { conn, bytes } => {
-                        let sent = conns.get(&conn).is_some_and(|h| h.writes.try_send(WriteCmd::Bytes(bytes)).is_ok());
+                        let sent = conns
+                            .get(&conn)
+                            .is_some_and(|h| h.writes.try_send(WriteCmd::Bytes(bytes)).is_ok());
                         if !sent {
                             pending.push(Event::HungUp { conn });
                         }
@@ -335,7 +347,13 @@ impl<R: Runtime> Driver<R> {
                         }
                     }
                     Output::BindInference => {
-                        match bind_inference(&rt, &ctx, &infer_path, group.as_deref(), tcp.as_deref()) {
+                        match bind_inference(
+                            &rt,
+                            &ctx,
+                            &infer_path,
+                            group.as_deref(),
+                            tcp.as_deref(),
+                        ) {
                             Ok(mut guards) => {
                                 infer_bound = true;
                                 listeners.append(&mut guards);
@@ -356,36 +374,33 @@ impl<R: Runtime> Driver<R> {
             if let Ok(mut s) = stats.lock() {
                 *s = daemon.stats();
             }
-            // Next event: what is already queued first, then wait (flushing the log).
+            // Next event: socket and control events first, then due timers, then engine
+            // events; when nothing is queued, flush the log and wait.
             let event = if let Some(ev) = pending.pop() {
                 ev
+            } else if let Ok(ev) = rx.try_recv() {
+                ev
+            } else if daemon.poll_timeout().is_some_and(|t| t <= clock.now()) {
+                daemon.handle(clock.now(), Input::Timeout);
+                continue;
+            } else if let Ok(ev) = gen_rx.try_recv() {
+                ev
             } else {
-                match rx.try_recv() {
-                    Ok(ev) => ev,
-                    Err(TryRecvError::Closed) => break (1, "event channel closed".into()),
-                    Err(TryRecvError::Empty) => {
-                        if let Some(log) = log.as_mut() {
-                            if let Err(e) = log.flush() {
-                                eprintln!("inferd: activity log: {e}");
-                            }
-                        }
-                        let deadline = daemon.poll_timeout();
-                        match wait(&rt, &rx, deadline.map(|t| clock.until(t))).await {
-                            Some(ev) => ev,
-                            None => {
-                                daemon.handle(clock.now(), Input::Timeout);
-                                continue;
-                            }
-                        }
+                if let Some(log) = log.as_mut()
+                    && let Err(e) = log.flush()
+                {
+                    eprintln!("inferd: activity log: {e}");
+                }
+                let deadline = daemon.poll_timeout();
+                match wait(&rt, &rx, &gen_rx, deadline.map(|t| clock.until(t))).await {
+                    Some(ev) => ev,
+                    None => {
+                        daemon.handle(clock.now(), Input::Timeout);
+                        continue;
                     }
                 }
             };
             let now = clock.now();
-            if let Some(t) = daemon.poll_timeout()
-                && t <= now
-            {
-                daemon.handle(now, Input::Timeout);
-            }
             match event {
                 Event::Accepted { conn, listener, peer, handle } => {
                     conns.insert(conn, handle);
@@ -435,8 +450,15 @@ impl<R: Runtime> Driver<R> {
 }
 
 /// Waits for the next event or the deadline (`None` when the deadline came first).
-async fn wait<R: Runtime>(rt: &R, rx: &Receiver<Event>, timeout: Option<Duration>) -> Option<Event> {
-    let recv = async { rx.recv().await.ok() };
+async fn wait<R: Runtime>(
+    rt: &R,
+    rx: &Receiver<Event>,
+    gen_rx: &Receiver<Event>,
+    timeout: Option<Duration>,
+) -> Option<Event> {
+    let recv = futures_lite::future::or(async { rx.recv().await.ok() }, async {
+        gen_rx.recv().await.ok()
+    });
     match timeout {
         None => recv.await,
         Some(d) => {
@@ -468,7 +490,10 @@ fn bind_inference<R: Runtime>(
     );
     if let Some(addr) = tcp {
         let listener = socket::bind_tcp_loopback(addr).map_err(|e| e.to_string())?;
-        guards.push(rt.listen_tcp(listener, ctx.clone()).map_err(|e| format!("cannot serve TCP {addr}: {e}"))?);
+        guards.push(
+            rt.listen_tcp(listener, ctx.clone())
+                .map_err(|e| format!("cannot serve TCP {addr}: {e}"))?,
+        );
     }
     Ok(guards)
 }

@@ -11,7 +11,7 @@ pub mod peer;
 pub mod socket;
 pub mod time;
 
-#[cfg(test)]
-mod testutil;
 pub mod bridge;
 pub mod driver;
+#[cfg(test)]
+mod testutil;

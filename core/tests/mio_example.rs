@@ -1,0 +1,92 @@
+//! Runs `examples/mio_embed.rs` (through `cargo run`, as integration tests cannot run
+//! examples directly): one request over its socket must get the echo and a `done`
+//! frame, and `--exit-after-requests 1` must make it drain and exit 0.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the example if the test fails half-way.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn mio_example_serves_one_request_and_exits() {
+    let dir = std::env::temp_dir().join(format!("inferd-mio-example-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("infer.sock");
+    let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
+    let log = || std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+
+    let child = Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--quiet", "-p", "inferd-core", "--example", "mio_embed", "--"])
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--exit-after-requests", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("cannot run cargo");
+    let mut child = KillOnDrop(child);
+
+    // The first run may have to build the example.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !Path::new(&socket).exists() {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the example exited early with {status}:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "the socket never appeared:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .write_all(
+            b"{\"id\":\"m1\",\"messages\":[{\"role\":\"user\",\"content\":\"hello mio loop\"}]}\n",
+        )
+        .unwrap();
+    let mut frames = Vec::new();
+    for line in BufReader::new(stream).lines() {
+        let line = line.unwrap();
+        let frame: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let done = frame["type"] != "token";
+        frames.push(frame);
+        if done {
+            break;
+        }
+    }
+    let last = frames.last().expect("no frames");
+    assert_eq!(last["type"], "done", "{frames:?}");
+    assert_eq!(last["id"], "m1");
+    assert_eq!(last["content"], "hello mio loop");
+    let tokens: String = frames
+        .iter()
+        .filter(|f| f["type"] == "token")
+        .map(|f| f["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, "hello mio loop");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the example did not exit:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}:\n{}", log());
+    assert!(!socket.exists(), "the socket file was left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,41 @@
+//! The embedding API: a daemon started inside a test's tokio runtime, used over its
+//! socket, stopped through its handle.
+
+mod common;
+
+use common::{mock, start_use_stop, temp_dir};
+use inferd_core::config::DaemonConfig;
+use inferd_tokio::EmbedConfig;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_daemon_serves_and_stops_on_a_multi_thread_runtime() {
+    let dir = temp_dir("mt");
+    start_use_stop(&dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn embedded_daemon_serves_on_a_current_thread_runtime() {
+    let dir = temp_dir("ct");
+    start_use_stop(&dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_daemon_on_the_same_directory_is_refused() {
+    let dir = temp_dir("lock");
+    let first = EmbedConfig::new(&dir, DaemonConfig::default(), mock()).start().unwrap();
+    let second = EmbedConfig::new(&dir, DaemonConfig::default(), mock()).start();
+    let err = second.expect_err("the lock must refuse a second daemon");
+    assert_eq!(err.code, 1, "{}", err.message);
+    first.shutdown();
+    assert_eq!(first.wait().await.0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn mismatched_backend_names_are_a_usage_error() {
+    let config = DaemonConfig { backends: vec!["a".into(), "b".into()], ..DaemonConfig::default() };
+    let err = EmbedConfig::new(temp_dir("names"), config, mock()).start().unwrap_err();
+    assert_eq!(err.code, 2);
+}
