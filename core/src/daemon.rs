@@ -275,6 +275,8 @@ struct Conn {
     authed: bool,
     decoder: LineDecoder,
     out: Vec<u8>,
+    /// Full chunks of output waiting behind the write in flight, oldest first.
+    sealed: VecDeque<Vec<u8>>,
     /// A `Send` is outstanding, issued at this time.
     writing_since: Option<Time>,
     in_flush_queue: bool,
@@ -288,6 +290,35 @@ struct Conn {
     /// Admin only: events appended since the last `Send`, and those in flight.
     events_buffered: usize,
     events_in_flight: usize,
+}
+
+/// Output is handed to the shell in chunks of about this size, so a write that takes
+/// longer than the write timeout means a client that stopped reading, not one whose
+/// backlog is simply large.
+const SEND_CHUNK: usize = 256 * 1024;
+
+impl Conn {
+    fn has_output(&self) -> bool {
+        !self.out.is_empty() || !self.sealed.is_empty()
+    }
+
+    /// Closes the current chunk once it is big enough; the next frames start a new one.
+    /// A single huge frame (a long `done`) is cut into chunks too, copying it once.
+    fn seal_if_full(&mut self) {
+        if self.out.len() < SEND_CHUNK {
+            return;
+        }
+        let whole = std::mem::take(&mut self.out);
+        if whole.len() < 2 * SEND_CHUNK {
+            self.sealed.push_back(whole);
+        } else {
+            self.sealed.extend(whole.chunks(SEND_CHUNK).map(<[u8]>::to_vec));
+        }
+    }
+
+    fn next_send(&mut self) -> Vec<u8> {
+        self.sealed.pop_front().unwrap_or_else(|| std::mem::take(&mut self.out))
+    }
 }
 
 #[derive(Debug)]
@@ -426,12 +457,12 @@ impl Daemon {
             let now = self.now;
             let Some(c) = self.conns.get_mut(&id) else { continue };
             c.in_flush_queue = false;
-            if c.writing_since.is_some() || c.out.is_empty() {
+            if c.writing_since.is_some() || !c.has_output() {
                 continue;
             }
             c.writing_since = Some(now);
             c.events_in_flight = std::mem::take(&mut c.events_buffered);
-            let bytes = std::mem::take(&mut c.out);
+            let bytes = c.next_send();
             let arm = !c.write_timer && !self.cfg.write_timeout.is_zero();
             if arm {
                 c.write_timer = true;
@@ -506,6 +537,7 @@ impl Daemon {
             authed: !needs_auth,
             decoder: LineDecoder::new(cap),
             out: Vec::new(),
+            sealed: VecDeque::new(),
             writing_since: None,
             in_flush_queue: false,
             reading: false,
@@ -665,7 +697,7 @@ impl Daemon {
     fn close_after_flush(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.closing = true;
-        if c.out.is_empty() && c.writing_since.is_none() {
+        if !c.has_output() && c.writing_since.is_none() {
             self.finish_conn(id);
         }
     }
@@ -674,7 +706,7 @@ impl Daemon {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.writing_since = None;
         c.events_in_flight = 0;
-        if !c.out.is_empty() {
+        if c.has_output() {
             self.queue_flush(id);
         } else if c.closing {
             self.finish_conn(id);
@@ -706,7 +738,7 @@ impl Daemon {
         if let Some(c) = self.conns.get_mut(&id)
             && !c.in_flush_queue
             && c.writing_since.is_none()
-            && !c.out.is_empty()
+            && c.has_output()
         {
             c.in_flush_queue = true;
             self.flush_queue.push_back(id);
@@ -912,6 +944,7 @@ impl Daemon {
                     && let Some(c) = self.conns.get_mut(&conn)
                 {
                     wire::encode_token(&mut c.out, &g.req_id, &g.content[start..]);
+                    c.seal_if_full();
                     if !c.in_flush_queue && c.writing_since.is_none() {
                         c.in_flush_queue = true;
                         self.flush_queue.push_back(conn);
@@ -1011,6 +1044,9 @@ impl Daemon {
                 Outcome::Failure
             }
         };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.seal_if_full();
+        }
         self.router.report(g.route, outcome, now);
         self.queue_flush(conn);
         self.release_place();

@@ -12,8 +12,8 @@ use async_channel::Sender;
 use futures_lite::AsyncWriteExt;
 use inferd_core::daemon::ListenerKind;
 use inferd_core::host::driver::{
-    AcceptCtx, AcceptGuard, BoxFuture, ConnTasks, Event, Runtime, WriteCmd, report_read,
-    tcp_peer, unix_peer,
+    AcceptCtx, AcceptGuard, BoxFuture, ConnTasks, Event, Runtime, WriteCmd, WriteOutcome,
+    report_read, tcp_peer, unix_peer, write_or_close,
 };
 use inferd_core::host::hangup::HangupWatcher;
 use smol::{Async, Executor};
@@ -79,7 +79,11 @@ impl Runtime for SmolRuntime {
                 match listener.accept().await {
                     Ok((stream, addr)) => {
                         let _ = stream.get_ref().set_nodelay(true);
-                        let tasks = ctx.register(stream.as_fd(), ListenerKind::Inference, tcp_peer(Some(addr)));
+                        let tasks = ctx.register(
+                            stream.as_fd(),
+                            ListenerKind::Inference,
+                            tcp_peer(Some(addr)),
+                        );
                         spawn_conn(&ex, stream, tasks);
                     }
                     Err(_) => smol::Timer::after(ACCEPT_BACKOFF).await.into_unit(),
@@ -151,9 +155,10 @@ where
             match cmd {
                 WriteCmd::Bytes(bytes) => {
                     let mut w = &*stream;
-                    let event = match w.write_all(&bytes).await {
-                        Ok(()) => Event::Flushed { conn },
-                        Err(_) => Event::HungUp { conn },
+                    let event = match write_or_close(w.write_all(&bytes), &tasks.writes).await {
+                        WriteOutcome::Written => Event::Flushed { conn },
+                        WriteOutcome::Failed => Event::HungUp { conn },
+                        WriteOutcome::Closed => break,
                     };
                     let failed = matches!(event, Event::HungUp { .. });
                     if tasks.events.send(event).await.is_err() || failed {

@@ -21,8 +21,8 @@ use std::time::Duration;
 use async_channel::Sender;
 use inferd_core::daemon::ListenerKind;
 use inferd_core::host::driver::{
-    AcceptCtx, AcceptGuard, BoxFuture, ConnTasks, Event, Runtime, WriteCmd, read_once, report_read,
-    tcp_peer, unix_peer,
+    AcceptCtx, AcceptGuard, BoxFuture, ConnTasks, Event, Runtime, WriteCmd, WriteOutcome,
+    read_once, report_read, tcp_peer, unix_peer, write_or_close,
 };
 use inferd_core::host::hangup::HangupWatcher;
 use tokio::io::unix::AsyncFd;
@@ -247,8 +247,12 @@ where
         while let Ok(cmd) = tasks.writes.recv().await {
             match cmd {
                 WriteCmd::Bytes(bytes) => {
-                    let ok = write.write_all(&bytes).await.is_ok();
-                    let event = if ok { Event::Flushed { conn } } else { Event::HungUp { conn } };
+                    let event = match write_or_close(write.write_all(&bytes), &tasks.writes).await {
+                        WriteOutcome::Written => Event::Flushed { conn },
+                        WriteOutcome::Failed => Event::HungUp { conn },
+                        WriteOutcome::Closed => break,
+                    };
+                    let ok = matches!(event, Event::Flushed { .. });
                     if tasks.events.send(event).await.is_err() || !ok {
                         break;
                     }

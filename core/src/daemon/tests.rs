@@ -22,6 +22,8 @@ struct H {
     stop_accepting: bool,
     exit: Option<(i32, String)>,
     next_conn: u64,
+    /// Size of every `Send`, per connection.
+    send_sizes: HashMap<ConnId, Vec<usize>>,
 }
 
 fn cfg(backends: &[&str]) -> DaemonConfig {
@@ -53,6 +55,7 @@ impl H {
             stop_accepting: false,
             exit: None,
             next_conn: 1,
+            send_sizes: HashMap::new(),
         }
     }
 
@@ -79,6 +82,7 @@ impl H {
                 match o {
                     Output::Send { conn, bytes } => {
                         assert!(!self.closed.contains(&conn), "send after close");
+                        self.send_sizes.entry(conn).or_default().push(bytes.len());
                         if !self.stalled.contains(&conn) {
                             self.out.entry(conn).or_default().extend_from_slice(&bytes);
                             flushed.push(conn);
@@ -802,4 +806,26 @@ fn done_over_the_frame_cap_becomes_an_error() {
     h.done(g, StopReason::End, 1);
     assert_eq!(h.error_code(conn), Some(ErrorCode::BackendUnavailable));
     assert!(h.out[&conn].split(|&b| b == b'\n').all(|l| l.len() <= 1024));
+}
+
+#[test]
+fn large_backlogs_go_out_in_chunks() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    h.stalled.insert(c);
+    h.line(c, &req("big"));
+    let g = h.last_start();
+    let piece = "x".repeat(4096);
+    for _ in 0..200 {
+        h.token(g, piece.as_bytes());
+    }
+    h.done(g, StopReason::End, 200);
+    // The first token's write is stuck; the backlog behind it waits in chunks.
+    assert_eq!(h.send_sizes[&c].len(), 1);
+    h.stalled.remove(&c);
+    h.input(Input::Flushed { conn: c });
+    let sizes = &h.send_sizes[&c][1..];
+    assert!(sizes.len() >= 3, "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n < 2 * SEND_CHUNK), "{sizes:?}");
+    assert!(matches!(h.frames(c).last(), Some(Frame::Done { .. })));
 }

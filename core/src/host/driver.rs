@@ -257,6 +257,9 @@ pub struct Driver<R: Runtime> {
     stats: Arc<std::sync::Mutex<Stats>>,
 }
 
+/// Events handled in a row before the driver yields to the other tasks of its thread.
+const YIELD_EVERY: u32 = 64;
+
 /// Engine events queued at most before an engine thread waits for the driver.
 const GENERATION_EVENTS: usize = 1024;
 
@@ -307,6 +310,7 @@ impl<R: Runtime> Driver<R> {
         let mut cancels: HashMap<GenId, CancelFlag> = HashMap::new();
         let mut infer_bound = false;
         let mut pending: Vec<Event> = Vec::new();
+        let mut busy = 0u32;
         let result = 'serve: loop {
             // Carry out everything the daemon wants done.
             while let Some(out) = daemon.poll_output() {
@@ -376,6 +380,14 @@ impl<R: Runtime> Driver<R> {
             }
             // Next event: socket and control events first, then due timers, then engine
             // events; when nothing is queued, flush the log and wait.
+            // Let the connection tasks on this thread run now and then: with engine
+            // events always waiting, the loop would otherwise never yield, and writers
+            // could not produce the `Flushed` the write-stall timer waits for.
+            busy += 1;
+            if busy >= YIELD_EVERY {
+                busy = 0;
+                futures_lite::future::yield_now().await;
+            }
             let event = if let Some(ev) = pending.pop() {
                 ev
             } else if let Ok(ev) = rx.try_recv() {
@@ -391,6 +403,7 @@ impl<R: Runtime> Driver<R> {
                 {
                     eprintln!("inferd: activity log: {e}");
                 }
+                busy = 0;
                 let deadline = daemon.poll_timeout();
                 match wait(&rt, &rx, &gen_rx, deadline.map(|t| clock.until(t))).await {
                     Some(ev) => ev,
@@ -496,6 +509,40 @@ fn bind_inference<R: Runtime>(
         );
     }
     Ok(guards)
+}
+
+/// How a connection's write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Every byte was written: report [`Event::Flushed`].
+    Written,
+    /// The peer is gone: report [`Event::HungUp`].
+    Failed,
+    /// The driver closed the connection meanwhile: stop.
+    Closed,
+}
+
+/// Runs one write, giving up when the driver closes the connection meanwhile: a write
+/// stuck on a full socket (a client that never reads) must not keep a connection the
+/// daemon has dropped alive. While a write is in flight the only command that can come
+/// is the close, since the core has at most one `Send` per connection outstanding.
+pub async fn write_or_close<F>(write: F, commands: &Receiver<WriteCmd>) -> WriteOutcome
+where
+    F: Future<Output = io::Result<()>>,
+{
+    futures_lite::future::or(
+        async {
+            match write.await {
+                Ok(()) => WriteOutcome::Written,
+                Err(_) => WriteOutcome::Failed,
+            }
+        },
+        async {
+            let _ = commands.recv().await;
+            WriteOutcome::Closed
+        },
+    )
+    .await
 }
 
 /// Reads once from a non-blocking descriptor into a fresh buffer sized to what came.
