@@ -273,6 +273,9 @@ struct ReqState {
 struct Conn {
     kind: ListenerKind,
     authed: bool,
+    /// Bytes after the auth line, held until the auth line is judged: the request behind
+    /// it is measured against the frame cap, not the 4 KiB auth cap.
+    pre_auth: Vec<u8>,
     decoder: LineDecoder,
     out: Vec<u8>,
     /// Full chunks of output waiting behind the write in flight, oldest first.
@@ -535,6 +538,7 @@ impl Daemon {
         let mut conn = Conn {
             kind: listener,
             authed: !needs_auth,
+            pre_auth: Vec::new(),
             decoder: LineDecoder::new(cap),
             out: Vec::new(),
             sealed: VecDeque::new(),
@@ -583,7 +587,13 @@ impl Daemon {
         if c.kind == ListenerKind::Admin || c.closing {
             return;
         }
-        c.decoder.push(bytes);
+        match bytes.iter().position(|&b| b == b'\n') {
+            Some(i) if !c.authed => {
+                c.decoder.push(&bytes[..=i]);
+                c.pre_auth.extend_from_slice(&bytes[i + 1..]);
+            }
+            _ => c.decoder.push(bytes),
+        }
         self.process_lines(id);
     }
 
@@ -639,12 +649,15 @@ impl Daemon {
                             if let Some(c) = self.conns.get_mut(&id) {
                                 c.authed = true;
                                 c.decoder.set_cap(cap);
+                                let rest = std::mem::take(&mut c.pre_auth);
+                                c.decoder.push(&rest);
                             }
                         }
                         _ => self.reject_auth(id),
                     }
                 }
                 Ok(Ok(Err(e))) => {
+                    let e = self.bound_error_id(e);
                     let rec = self
                         .record(Level::Warn, "request_rejected")
                         .str("req_id", e.id())
@@ -754,7 +767,37 @@ impl Daemon {
 
     // ---- requests ------------------------------------------------------------------
 
+    /// The longest request id echoed: every frame carries it, and frames must stay under
+    /// the cap (spec §1) whatever the id [ours].
+    fn max_id_bytes(&self) -> usize {
+        (self.cfg.max_frame_bytes / 4).min(4096)
+    }
+
+    /// An error whose id is too long to echo is answered with an empty id.
+    fn bound_error_id(&self, e: wire::DecodeError) -> wire::DecodeError {
+        use wire::DecodeError::{Invalid, Undecodable};
+        let max = self.max_id_bytes();
+        match e {
+            Undecodable { id, message } if id.len() > max => {
+                Undecodable { id: String::new(), message }
+            }
+            Invalid { id, message } if id.len() > max => Invalid { id: String::new(), message },
+            e => e,
+        }
+    }
+
     fn on_request(&mut self, id: ConnId, req: Request) {
+        let max_id = self.max_id_bytes();
+        if req.id.len() > max_id {
+            let rec = self
+                .record(Level::Warn, "request_rejected")
+                .str("req_id", "")
+                .str("code", "invalid_request");
+            self.log(rec);
+            let msg = format!("`id` is {} bytes, more than {max_id}", req.id.len());
+            self.send_error(id, "", ErrorCode::InvalidRequest, &msg);
+            return;
+        }
         if self.phase == Phase::Draining {
             self.send_error(id, &req.id, ErrorCode::BackendUnavailable, "daemon is draining");
             self.close_after_flush(id);
@@ -811,7 +854,7 @@ impl Daemon {
                 .str("req_id", &req_id)
                 .str("code", "backend_unavailable");
             self.log(rec);
-            let msg = if self.router.next_cooldown_end().is_some() {
+            let msg = if self.router.next_cooldown_end(now).is_some() {
                 "no backend available: circuit breaker open"
             } else {
                 "no backend is ready"
@@ -935,6 +978,7 @@ impl Daemon {
         match event {
             EngineEvent::Token(bytes) => {
                 let now = self.now;
+                let cap = self.cfg.max_frame_bytes;
                 g.first_token.get_or_insert(now);
                 let start = g.content.len();
                 g.utf8.push(&bytes, &mut g.content);
@@ -943,7 +987,7 @@ impl Daemon {
                     && g.content.len() > start
                     && let Some(c) = self.conns.get_mut(&conn)
                 {
-                    wire::encode_token(&mut c.out, &g.req_id, &g.content[start..]);
+                    encode_token_capped(&mut c.out, &g.req_id, &g.content[start..], cap);
                     c.seal_if_full();
                     if !c.in_flush_queue && c.writing_since.is_none() {
                         c.in_flush_queue = true;
@@ -980,7 +1024,7 @@ impl Daemon {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         c.request = None;
         if g.stream && g.content.len() > start {
-            wire::encode_token(&mut c.out, &g.req_id, &g.content[start..]);
+            encode_token_capped(&mut c.out, &g.req_id, &g.content[start..], cap);
         }
         let outcome = match result {
             Ok(usage) => {
@@ -1333,6 +1377,28 @@ impl Daemon {
     fn log(&mut self, rec: Record) {
         self.outputs.push_back(Output::Activity(rec.finish()));
     }
+}
+
+/// Appends `piece` as token frames no larger than `cap`: a piece too big for one frame
+/// (escaping can grow text sixfold) is split at character boundaries, which keeps the
+/// concatenation of the tokens equal to `done.content`.
+fn encode_token_capped(out: &mut Vec<u8>, id: &str, piece: &str, cap: usize) {
+    let mark = out.len();
+    wire::encode_token(out, id, piece);
+    if out.len() - mark - 1 <= cap || piece.chars().nth(1).is_none() {
+        return;
+    }
+    out.truncate(mark);
+    let mut mid = piece.len() / 2;
+    while mid > 0 && !piece.is_char_boundary(mid) {
+        mid -= 1;
+    }
+    if mid == 0 {
+        // At least two characters: the second one starts strictly inside.
+        mid = piece.char_indices().nth(1).map_or(piece.len(), |(i, _)| i);
+    }
+    encode_token_capped(out, id, &piece[..mid], cap);
+    encode_token_capped(out, id, &piece[mid..], cap);
 }
 
 #[cfg(test)]

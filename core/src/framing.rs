@@ -72,6 +72,8 @@ impl LineDecoder {
                 _ => {
                     // The unfinished line outgrows the cap: keep the lines before it only.
                     self.buf.truncate(self.tail_start);
+                    // What was scanned of the dropped line is gone too.
+                    self.scanned = 0;
                     self.overflow = true;
                     return;
                 }
@@ -99,16 +101,17 @@ impl LineDecoder {
             if let [head @ .., b'\r'] = line {
                 line = head;
             }
-            if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
-                continue;
-            }
             if line.len() > self.cap {
-                // A line of exactly cap + 1 bytes with no CR to strip got in through the CR allowance.
+                // A line of exactly cap + 1 bytes with no CR to strip got in through the
+                // CR allowance; blank or not, it is over the cap like a longer one.
                 self.buf.truncate(line_start);
                 self.start = line_start;
                 self.tail_start = line_start;
                 self.overflow = true;
                 return Some(Line::TooLarge);
+            }
+            if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
+                continue;
             }
             return Some(Line::Complete(&self.buf[line_start..line_start + line.len()]));
         }
@@ -227,6 +230,25 @@ mod tests {
         assert_eq!(lines(&mut d), vec![Ok(b"a\rb".to_vec())]);
         d.push(b"abc\r\r\n");
         assert_eq!(lines(&mut d), vec![Err(())]);
+    }
+
+    #[test]
+    fn overflow_after_a_scanned_partial_line() {
+        let mut d = LineDecoder::new(5);
+        d.push(b"abc");
+        assert_eq!(d.next_line(), None);
+        d.push(b"defghij");
+        assert_eq!(d.next_line(), Some(Line::TooLarge));
+    }
+
+    #[test]
+    fn blank_lines_over_the_cap_are_too_large() {
+        let mut d = LineDecoder::new(3);
+        d.push(b"    \n");
+        assert_eq!(d.next_line(), Some(Line::TooLarge));
+        let mut d = LineDecoder::new(3);
+        d.push(b"     \n");
+        assert_eq!(d.next_line(), Some(Line::TooLarge));
     }
 
     #[test]

@@ -195,12 +195,12 @@ impl Router {
         }
     }
 
-    /// When the earliest open breaker's cooldown ends, if any.
-    pub fn next_cooldown_end(&self) -> Option<Time> {
+    /// When the earliest cooldown still running at `now` ends, if any.
+    pub fn next_cooldown_end(&self, now: Time) -> Option<Time> {
         self.backends
             .iter()
             .filter_map(|b| match b.breaker {
-                Breaker::Open { until } => Some(until),
+                Breaker::Open { until } if until > now => Some(until),
                 _ => None,
             })
             .min()
@@ -244,7 +244,8 @@ mod tests {
         r.report(route, Outcome::Failure, t(20));
         assert_eq!(r.breaker_state(0, t(20)), BreakerState::Open);
         assert_eq!(r.route(t(21)), Some(Route { backend: 1, trial: false }));
-        assert_eq!(r.next_cooldown_end(), Some(t(50)));
+        assert_eq!(r.next_cooldown_end(t(21)), Some(t(50)));
+        assert_eq!(r.next_cooldown_end(t(50)), None);
     }
 
     #[test]

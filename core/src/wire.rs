@@ -153,12 +153,12 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
 
 /// The `id` of a line that failed to decode, when it is a JSON object with a string `id`.
 pub fn salvage_id(line: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<IdOnly>(line) {
-        Ok(IdOnly { id: Some(serde_json::Value::String(s)) }) => s,
+    // Only an object has an `id` (serde would read a struct from an array too).
+    match serde_json::from_slice::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(mut m)) => match m.remove("id") {
+            Some(serde_json::Value::String(s)) => s,
+            _ => String::new(),
+        },
         _ => String::new(),
     }
 }
@@ -403,16 +403,20 @@ impl RawRequest {
             return invalid(id, "`messages` must not be empty".into());
         }
         let defaults = GenerateRequest::default();
-        let temperature = self.temperature.unwrap_or(defaults.temperature.into());
-        if !temperature.is_finite() || temperature < 0.0 {
+        // Ranges are checked on the numbers as sent and again on the f32 values engines
+        // get, so nothing slips through the narrowing (1e300 → inf, 1e-300 → 0).
+        let temperature_wide = self.temperature.unwrap_or(defaults.temperature.into());
+        let temperature = temperature_wide as f32;
+        if !temperature.is_finite() || temperature_wide < 0.0 {
             return invalid(
                 id,
-                format!("`temperature` must be finite and >= 0, got {temperature}"),
+                format!("`temperature` must be finite and >= 0, got {temperature_wide}"),
             );
         }
-        let top_p = self.top_p.unwrap_or(defaults.top_p.into());
-        if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
-            return invalid(id, format!("`top_p` must be in (0, 1], got {top_p}"));
+        let top_p_wide = self.top_p.unwrap_or(defaults.top_p.into());
+        let top_p = top_p_wide as f32;
+        if !(top_p_wide > 0.0 && top_p_wide <= 1.0 && top_p > 0.0) {
+            return invalid(id, format!("`top_p` must be in (0, 1], got {top_p_wide}"));
         }
         let top_k = match self.top_k {
             None => defaults.top_k,
@@ -460,8 +464,8 @@ impl RawRequest {
             stream: self.stream.unwrap_or(true),
             params: GenerateRequest {
                 messages,
-                temperature: temperature as f32,
-                top_p: top_p as f32,
+                temperature,
+                top_p,
                 top_k,
                 max_tokens,
                 image_token_budget,
@@ -561,6 +565,8 @@ pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
             b'\n' => b"\\n",
             b'\r' => b"\\r",
             b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
             0..=0x1f => b"",
             _ => continue,
         };
@@ -789,6 +795,7 @@ mod tests {
             (r#"{"id":"g","messages":[],"top_k":1.5}"#, "g"),
             (r#"{"id":7,"messages":[]}"#, ""),
             (r#"{"id":"h","messages":[],"stream":"yes"}"#, "h"),
+            (r#"["user"]"#, ""),
         ] {
             let e = err(line);
             assert!(e.closes_connection(), "{line}: {e:?}");
@@ -826,6 +833,8 @@ mod tests {
             r#"{"id":"a","messages":[{"role":"user","content":"x"}],"top_k":-1}"#,
             r#"{"id":"a","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#,
             r#"{"id":"a","messages":[{"role":"user","content":"x"}],"image_token_budget":100}"#,
+            r#"{"id":"a","messages":[{"role":"user","content":"x"}],"temperature":1e300}"#,
+            r#"{"id":"a","messages":[{"role":"user","content":"x"}],"top_p":1e-300}"#,
         ] {
             let e = err(line);
             assert!(!e.closes_connection(), "{line}: {e:?}");

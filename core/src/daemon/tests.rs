@@ -829,3 +829,50 @@ fn large_backlogs_go_out_in_chunks() {
     assert!(sizes.iter().all(|&n| n < 2 * SEND_CHUNK), "{sizes:?}");
     assert!(matches!(h.frames(c).last(), Some(Frame::Done { .. })));
 }
+
+#[test]
+fn request_after_the_auth_line_in_one_read_is_judged_by_the_frame_cap() {
+    let mut c = cfg(&["m"]);
+    c.api_key = Some("k".into());
+    let mut h = H::ready(c);
+    let conn = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    let big = format!(
+        r#"{{"id":"big","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(6000)
+    );
+    h.send(conn, &format!("{}\n{big}\n", r#"{"type":"auth","key":"k"}"#));
+    assert!(h.is_open(conn));
+    assert_eq!(h.starts.len(), 1, "the request behind the auth line was admitted");
+}
+
+#[test]
+fn frames_stay_under_the_cap_whatever_the_id_and_tokens() {
+    let mut c = cfg(&["m"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    let long_id = "i".repeat(600);
+    h.line(conn, &format!(r#"{{"id":"{long_id}","messages":[{{"role":"user","content":"x"}}]}}"#));
+    match h.frames(conn).last() {
+        Some(Frame::Error { id, code: ErrorCode::InvalidRequest, .. }) => assert_eq!(id, ""),
+        other => panic!("{other:?}"),
+    }
+    assert!(h.is_open(conn));
+    h.line(conn, &req("ok"));
+    let g = h.last_start();
+    let piece = "\u{1}é".repeat(400);
+    h.token(g, piece.as_bytes());
+    h.token(g, "a🦀".as_bytes());
+    h.done(g, StopReason::End, 2);
+    let raw = &h.out[&conn];
+    assert!(raw.split(|&b| b == b'\n').all(|l| l.len() <= 1024));
+    let tokens: String = h
+        .frames(conn)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Token { content, .. } => Some(content),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens, format!("{piece}a🦀"));
+}
