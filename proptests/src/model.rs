@@ -1,0 +1,340 @@
+//! Reference models: deliberately simple restatements of the spec that the real state
+//! machines are checked against (by the property tests and by the simulator).
+
+use std::collections::VecDeque;
+
+use inferd_core::router::{BreakerPolicy, BreakerState, Outcome, Route};
+use inferd_core::time::Time;
+
+/// One result of splitting a byte stream into request lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefLine {
+    /// A complete non-blank line, without LF and without one trailing CR.
+    Line(Vec<u8>),
+    /// A line longer than the cap; nothing after it is read.
+    TooLarge,
+}
+
+/// What the reference splitter makes of a whole stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefSplit {
+    /// Complete lines in order, ending with `TooLarge` if an oversize line was met.
+    pub lines: Vec<RefLine>,
+    /// The unfinished last line (bytes after the last LF), when no `TooLarge` was met.
+    pub tail: Vec<u8>,
+}
+
+impl RefSplit {
+    /// Whether the splitter stopped at an oversize line.
+    pub fn overflowed(&self) -> bool {
+        self.lines.last() == Some(&RefLine::TooLarge)
+    }
+
+    /// Whether an unfinished, non-blank line (or an oversize one) is pending: what
+    /// `LineDecoder::has_partial` must say once every complete line is taken.
+    pub fn has_partial(&self) -> bool {
+        self.overflowed() || self.tail.iter().any(|b| !is_blank_byte(*b))
+    }
+}
+
+fn is_blank_byte(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r')
+}
+
+/// Splits `stream` the way spec §1 says, all at once: lines end at LF, one CR before
+/// the LF is dropped, whitespace-only lines are skipped, a line whose content is over
+/// `cap` bytes ends the stream with `TooLarge`. An unfinished last line over `cap + 1`
+/// bytes is already known to be too large (one byte of slack for a CR that an LF may
+/// still strip).
+pub fn split_lines(stream: &[u8], cap: usize) -> RefSplit {
+    let mut lines = Vec::new();
+    let mut rest = stream;
+    while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        let mut line = &rest[..i];
+        rest = &rest[i + 1..];
+        if let [head @ .., b'\r'] = line {
+            line = head;
+        }
+        if line.len() > cap {
+            lines.push(RefLine::TooLarge);
+            return RefSplit { lines, tail: Vec::new() };
+        }
+        if line.iter().all(|&b| is_blank_byte(b)) {
+            continue;
+        }
+        lines.push(RefLine::Line(line.to_vec()));
+    }
+    if rest.len() > cap + 1 {
+        lines.push(RefLine::TooLarge);
+        return RefSplit { lines, tail: Vec::new() };
+    }
+    RefSplit { lines, tail: rest.to_vec() }
+}
+
+/// The stream position (bytes pushed) from which an oversize line is known: at its LF
+/// when it is `cap + 1` bytes without a CR, else once `cap + 2` of its bytes arrived.
+/// `None` when no line is over the cap.
+pub fn overflow_known_at(stream: &[u8], cap: usize) -> Option<usize> {
+    let mut start = 0;
+    while start <= stream.len() {
+        let rest = &stream[start..];
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let mut content = &rest[..i];
+                if let [head @ .., b'\r'] = content {
+                    content = head;
+                }
+                if content.len() > cap {
+                    return Some(if i >= cap + 2 { start + cap + 2 } else { start + i + 1 });
+                }
+                start += i + 1;
+            }
+            None => return (rest.len() > cap + 1).then_some(start + cap + 2),
+        }
+    }
+    None
+}
+
+/// Whether `LineDecoder::has_partial` must be true after the first `pos` bytes of
+/// `stream` were pushed and every complete line taken (`overflow_at` from
+/// [`overflow_known_at`]).
+pub fn partial_at(stream: &[u8], pos: usize, overflow_at: Option<usize>) -> bool {
+    if overflow_at.is_some_and(|at| pos >= at) {
+        return true;
+    }
+    let prefix = &stream[..pos];
+    let tail_start = prefix.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    prefix[tail_start..].iter().any(|&b| !is_blank_byte(b))
+}
+
+/// What [`AdmissionModel::admit`] decided (mirrors `inferd_core::admission::Admit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelAdmit {
+    /// Generates now.
+    Run,
+    /// Waits in line.
+    Queued,
+    /// Refused.
+    Full,
+}
+
+/// Admission as the spec states it: a count of generating places and a FIFO of waiters.
+#[derive(Clone, Debug)]
+pub struct AdmissionModel {
+    /// Generating places.
+    pub permits: usize,
+    /// Waiting places.
+    pub depth: usize,
+    /// Places generating now.
+    pub running: usize,
+    /// Waiters, oldest first.
+    pub waiting: VecDeque<u32>,
+    /// Requests that got a place.
+    pub admitted: u64,
+    /// Requests refused.
+    pub rejected: u64,
+}
+
+impl AdmissionModel {
+    /// `permits` generating and `depth` waiting places.
+    pub fn new(permits: usize, depth: usize) -> Self {
+        AdmissionModel {
+            permits,
+            depth,
+            running: 0,
+            waiting: VecDeque::new(),
+            admitted: 0,
+            rejected: 0,
+        }
+    }
+
+    /// A request asks for a place. Newcomers never overtake waiters.
+    pub fn admit(&mut self, ticket: u32) -> ModelAdmit {
+        let held = self.running + self.waiting.len();
+        if self.waiting.is_empty() && self.running < self.permits {
+            self.running += 1;
+            self.admitted += 1;
+            ModelAdmit::Run
+        } else if held < self.permits + self.depth {
+            self.waiting.push_back(ticket);
+            self.admitted += 1;
+            ModelAdmit::Queued
+        } else {
+            self.rejected += 1;
+            ModelAdmit::Full
+        }
+    }
+
+    /// A generating request ended; the oldest waiter (if any) starts.
+    pub fn release(&mut self) -> Option<u32> {
+        assert!(self.running > 0, "model: release without a running place");
+        self.running -= 1;
+        if self.running < self.permits
+            && let Some(t) = self.waiting.pop_front()
+        {
+            self.running += 1;
+            return Some(t);
+        }
+        None
+    }
+
+    /// A waiter left.
+    pub fn remove_waiting(&mut self, ticket: u32) -> bool {
+        let before = self.waiting.len();
+        self.waiting.retain(|t| *t != ticket);
+        before != self.waiting.len()
+    }
+}
+
+/// One backend's breaker in the reference model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelBreaker {
+    /// Requests flow; the times of recent failures.
+    Closed(Vec<Time>),
+    /// Refusing until `until`.
+    Open {
+        /// End of the cooldown.
+        until: Time,
+    },
+    /// Cooldown over: one trial may go (or is in flight).
+    HalfOpen {
+        /// Whether the trial is out.
+        trial_out: bool,
+    },
+}
+
+/// The router and its breakers, restated from spec §4.
+#[derive(Clone, Debug)]
+pub struct RouterModel {
+    /// The breaker policy.
+    pub policy: BreakerPolicy,
+    /// Per backend: ready, breaker.
+    pub backends: Vec<(bool, ModelBreaker)>,
+}
+
+impl RouterModel {
+    /// `n` backends, none ready, all breakers closed.
+    pub fn new(n: usize, policy: BreakerPolicy) -> Self {
+        RouterModel { policy, backends: vec![(false, ModelBreaker::Closed(Vec::new())); n] }
+    }
+
+    /// Marks a backend ready or not.
+    pub fn set_ready(&mut self, backend: usize, ready: bool) {
+        if let Some(b) = self.backends.get_mut(backend) {
+            b.0 = ready;
+        }
+    }
+
+    /// Whether a backend is ready.
+    pub fn is_ready(&self, backend: usize) -> bool {
+        self.backends.get(backend).is_some_and(|b| b.0)
+    }
+
+    /// The first ready backend whose breaker lets a request through; a half-open
+    /// breaker lets exactly one trial through.
+    pub fn route(&mut self, now: Time) -> Option<Route> {
+        for (i, (ready, br)) in self.backends.iter_mut().enumerate() {
+            if !*ready {
+                continue;
+            }
+            if let ModelBreaker::Open { until } = br
+                && now >= *until
+            {
+                *br = ModelBreaker::HalfOpen { trial_out: false };
+            }
+            match br {
+                ModelBreaker::Closed(_) => return Some(Route { backend: i, trial: false }),
+                ModelBreaker::HalfOpen { trial_out: false } => {
+                    *br = ModelBreaker::HalfOpen { trial_out: true };
+                    return Some(Route { backend: i, trial: true });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// How a routed request ended.
+    pub fn report(&mut self, route: Route, outcome: Outcome, now: Time) {
+        let policy = self.policy;
+        let Some((_, br)) = self.backends.get_mut(route.backend) else { return };
+        if route.trial {
+            assert_eq!(
+                *br,
+                ModelBreaker::HalfOpen { trial_out: true },
+                "model: a trial ended while backend {} was not half-open with a trial out",
+                route.backend
+            );
+            *br = match outcome {
+                Outcome::Success => ModelBreaker::Closed(Vec::new()),
+                Outcome::Failure => ModelBreaker::Open { until: now + policy.cooldown },
+                Outcome::Neutral => ModelBreaker::HalfOpen { trial_out: false },
+            };
+            return;
+        }
+        if let ModelBreaker::Closed(fails) = br
+            && outcome == Outcome::Failure
+        {
+            fails.push(now);
+            // Failures older than the window no longer count.
+            fails.retain(|&t| now.saturating_since(t) < policy.failure_window);
+            if fails.len() >= policy.failure_threshold as usize {
+                *br = ModelBreaker::Open { until: now + policy.cooldown };
+            }
+        }
+    }
+
+    /// The state a stats event shows at `now`.
+    pub fn state(&self, backend: usize, now: Time) -> BreakerState {
+        match &self.backends[backend].1 {
+            ModelBreaker::Closed(_) => BreakerState::Closed,
+            ModelBreaker::Open { until } if now < *until => BreakerState::Open,
+            ModelBreaker::Open { .. } | ModelBreaker::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// The earliest cooldown end still in the future.
+    pub fn next_future_cooldown_end(&self, now: Time) -> Option<Time> {
+        self.backends
+            .iter()
+            .filter_map(|(_, b)| match b {
+                ModelBreaker::Open { until } if *until > now => Some(*until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Trials in flight on a backend (0 or 1 by construction; the sim asserts it).
+    pub fn trial_out(&self, backend: usize) -> bool {
+        matches!(self.backends[backend].1, ModelBreaker::HalfOpen { trial_out: true })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_positions() {
+        assert_eq!(overflow_known_at(b"abcd\nx\n", 3), Some(5));
+        assert_eq!(overflow_known_at(b"abc\r\nx\n", 3), None);
+        assert_eq!(overflow_known_at(b"ok\nabcdefg", 3), Some(8));
+        assert_eq!(overflow_known_at(b"abcd", 3), None);
+        assert!(partial_at(b"ok\n  x", 6, None));
+        assert!(!partial_at(b"ok\n  x", 5, None));
+    }
+
+    #[test]
+    fn split_basics() {
+        let s = split_lines(b"a\r\n  \n\tb\nxyz", 3);
+        assert_eq!(s.lines, vec![RefLine::Line(b"a".to_vec()), RefLine::Line(b"\tb".to_vec())]);
+        assert_eq!(s.tail, b"xyz");
+        assert!(s.has_partial());
+        let s = split_lines(b"abcd\nok\n", 3);
+        assert_eq!(s.lines, vec![RefLine::TooLarge]);
+        let s = split_lines(b"abcd", 3);
+        assert!(s.lines.is_empty(), "cap + 1: a CR may still come, not yet known");
+        let s = split_lines(b"abcde", 3);
+        assert_eq!(s.lines, vec![RefLine::TooLarge]);
+    }
+}
