@@ -180,6 +180,16 @@ pub trait Engine: Send + Sync + 'static {
     /// An error here means the backend can never serve.
     fn load(&self, progress: &mut dyn FnMut(LoadPhase)) -> Result<Capabilities, EngineError>;
 
+    /// Whether this generation finishes in microseconds without blocking (no sleep, no
+    /// IO, no device), so that a shell may run it on its event-loop thread instead of
+    /// handing it to an engine thread: the hand-off costs more than such a generation.
+    /// Real engines keep the default, `false`; the mock says `true` when it has no delay
+    /// and only a few tokens to produce.
+    fn runs_inline(&self, request: &GenerateRequest) -> bool {
+        let _ = request;
+        false
+    }
+
     /// Runs one generation: pushes token bytes into `on_token` as they come, stops early
     /// when `cancel` is raised (then returns `stop_reason: cancelled`).
     fn generate(

@@ -173,10 +173,11 @@ impl ServeArgs {
         };
         let mut settings = match path {
             Some(path) => match std::fs::read_to_string(&path) {
-                Ok(text) => Settings::from_json(&text).map_err(|e| {
-                    StartError::usage(format!("{}: {e}", path.display()))
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Settings::default(),
+                Ok(text) => Settings::from_json(&text)
+                    .map_err(|e| StartError::usage(format!("{}: {e}", path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                    Settings::default()
+                }
                 Err(e) => {
                     return Err(StartError::usage(format!(
                         "cannot read config file {}: {e}",
@@ -195,11 +196,13 @@ impl ServeArgs {
 pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
     match spec.kind.as_str() {
         "mock" => {
-            let cfg = MockConfig::from_options(&spec.options).map_err(|e| format!("backend {spec}: {e}"))?;
+            let cfg = MockConfig::from_options(&spec.options)
+                .map_err(|e| format!("backend {spec}: {e}"))?;
             Ok(Arc::new(MockEngine::new(cfg)))
         }
         "llamacpp" => {
-            let cfg = LlamaConfig::from_options(&spec.options).map_err(|e| format!("backend {spec}: {e}"))?;
+            let cfg = LlamaConfig::from_options(&spec.options)
+                .map_err(|e| format!("backend {spec}: {e}"))?;
             Ok(Arc::new(LlamaEngine::new(cfg)))
         }
         other => Err(format!("backend {spec}: unknown kind {other:?}")),
@@ -224,8 +227,11 @@ pub struct Paths {
 impl Paths {
     /// Resolves every path from the settings and the spec's defaults.
     pub fn resolve(s: &Settings) -> Paths {
-        let runtime_dir = s.runtime_dir.as_ref().map(PathBuf::from).unwrap_or_else(paths::runtime_dir);
-        let under = |v: &Option<String>, leaf: &str| v.as_ref().map(PathBuf::from).unwrap_or_else(|| runtime_dir.join(leaf));
+        let runtime_dir =
+            s.runtime_dir.as_ref().map(PathBuf::from).unwrap_or_else(paths::runtime_dir);
+        let under = |v: &Option<String>, leaf: &str| {
+            v.as_ref().map(PathBuf::from).unwrap_or_else(|| runtime_dir.join(leaf))
+        };
         Paths {
             lock: under(&s.lock, "inferd.lock"),
             infer: under(&s.uds, "infer.sock"),
@@ -263,11 +269,8 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     if specs.is_empty() {
         return Err(StartError::usage(NO_BACKEND));
     }
-    let engines = specs
-        .iter()
-        .map(build_engine)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(StartError::usage)?;
+    let engines =
+        specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>().map_err(StartError::usage)?;
     prepare_files(
         config,
         engines,
@@ -290,7 +293,12 @@ pub fn prepare_files(
     if let Some(tcp) = &tcp {
         socket::parse_loopback_addr(tcp).map_err(|e| StartError::usage(e.to_string()))?;
     }
-    let dirs = [Some(paths.runtime_dir.as_path()), paths.lock.parent(), paths.infer.parent(), paths.admin.parent()];
+    let dirs = [
+        Some(paths.runtime_dir.as_path()),
+        paths.lock.parent(),
+        paths.infer.parent(),
+        paths.admin.parent(),
+    ];
     for dir in dirs.into_iter().flatten() {
         if dir.as_os_str().is_empty() {
             continue;

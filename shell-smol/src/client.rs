@@ -188,7 +188,11 @@ pub fn status(client: &ClientArgs, args: &StatusArgs) -> ExitCode {
                     let bar = match v["total_bytes"].as_u64() {
                         Some(total) if total > 0 => {
                             let filled = (done.min(total) * 30 / total) as usize;
-                            format!("[{}{}] {done}/{total} bytes", "#".repeat(filled), " ".repeat(30 - filled))
+                            format!(
+                                "[{}{}] {done}/{total} bytes",
+                                "#".repeat(filled),
+                                " ".repeat(30 - filled)
+                            )
                         }
                         _ => format!("{done} bytes"),
                     };
@@ -199,13 +203,22 @@ pub fn status(client: &ClientArgs, args: &StatusArgs) -> ExitCode {
                         eprintln!();
                         progress_shown = false;
                     }
-                    let detail = v.get("path").or_else(|| v.get("n_ctx")).map(|d| d.to_string()).unwrap_or_default();
+                    let detail = v
+                        .get("path")
+                        .or_else(|| v.get("n_ctx"))
+                        .map(|d| d.to_string())
+                        .unwrap_or_default();
                     println!("{status}: {phase} {detail}");
                 }
             }
             "stats" => println!(
                 "stats: queued {} active {} connections {} served {} rejected {} breakers {}",
-                v["queued"], v["active"], v["connections"], v["served"], v["rejected"], v["breakers"]
+                v["queued"],
+                v["active"],
+                v["connections"],
+                v["served"],
+                v["rejected"],
+                v["breakers"]
             ),
             other => {
                 if progress_shown {

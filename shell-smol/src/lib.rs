@@ -136,13 +136,20 @@ where
     let (r_stream, r_tasks) = (stream.clone(), tasks.clone());
     ex.spawn(async move {
         while r_tasks.reads.recv().await.is_ok() {
-            let outcome = r_stream
-                .read_with(|s| {
-                    let mut buf = [0u8; 16 * 1024];
-                    let n = (&*s).read(&mut buf)?;
-                    Ok(buf[..n].to_vec())
-                })
-                .await;
+            // Wait for readiness before reading: right after a reply the client has not
+            // sent its next request yet, and a speculative read would only say EAGAIN.
+            let outcome = match r_stream.readable().await {
+                Ok(()) => {
+                    r_stream
+                        .read_with(|s| {
+                            let mut buf = [0u8; 16 * 1024];
+                            let n = (&*s).read(&mut buf)?;
+                            Ok(buf[..n].to_vec())
+                        })
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             if !report_read(&r_tasks, outcome) {
                 break;
             }

@@ -69,13 +69,14 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let ex = Arc::new(smol::Executor::new());
     let driver = Driver::new(SmolRuntime::new(ex.clone()), prepared.setup);
     let events = driver.handle().events();
-    let signals = match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("inferd: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let signals =
+        match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("inferd: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
     ex.spawn(async move {
         use futures_lite::StreamExt;
         let mut signals = signals;

@@ -80,14 +80,33 @@ impl EnginePool {
         }
     }
 
-    /// Starts a generation; its events arrive as [`Event::Engine`].
-    pub fn start(&self, generation: GenId, backend: usize, request: GenerateRequest) -> CancelFlag {
+    /// Starts a generation; its events arrive as [`Event::Engine`], on the channel, or
+    /// appended to `inline` when the engine ran it on this thread (see
+    /// [`Engine::runs_inline`]).
+    pub fn start(
+        &self,
+        generation: GenId,
+        backend: usize,
+        request: GenerateRequest,
+        inline: &mut VecDeque<Event>,
+    ) -> CancelFlag {
         let cancel = CancelFlag::new();
         let Some(engine) = self.engines.get(backend).cloned() else {
             let event = EngineEvent::Failed(EngineError::internal("no such backend"));
-            let _ = self.events.try_send(Event::Engine { generation, event });
+            inline.push_back(Event::Engine { generation, event });
             return cancel;
         };
+        if engine.runs_inline(&request) {
+            let mut on_token = |bytes: &[u8]| {
+                let event = EngineEvent::Token(bytes.to_vec());
+                inline.push_back(Event::Engine { generation, event });
+            };
+            let event = finish_event(catch_unwind(AssertUnwindSafe(|| {
+                engine.generate(&request, &cancel, &mut on_token)
+            })));
+            inline.push_back(Event::Engine { generation, event });
+            return cancel;
+        }
         let (lock, cvar) = &*self.shared;
         let mut q = lock.lock().unwrap_or_else(PoisonError::into_inner);
         q.jobs.push_back(Job { generation, engine, request, cancel: cancel.clone() });
@@ -155,13 +174,18 @@ fn run_job(job: Job, events: &Sender<Event>) {
         let event = EngineEvent::Token(bytes.to_vec());
         let _ = events.send_blocking(Event::Engine { generation, event });
     };
-    let result = catch_unwind(AssertUnwindSafe(|| {
+    let event = finish_event(catch_unwind(AssertUnwindSafe(|| {
         job.engine.generate(&job.request, &job.cancel, &mut on_token)
-    }))
-    .unwrap_or_else(|_| Err(EngineError::internal("engine panicked")));
-    let event = match result {
+    })));
+    let _ = events.send_blocking(Event::Engine { generation, event });
+}
+
+/// The terminal event of a generation; a panic becomes an internal failure.
+fn finish_event(
+    result: std::thread::Result<Result<crate::engine::Completion, EngineError>>,
+) -> EngineEvent {
+    match result.unwrap_or_else(|_| Err(EngineError::internal("engine panicked"))) {
         Ok(done) => EngineEvent::Done(done),
         Err(e) => EngineEvent::Failed(e),
-    };
-    let _ = events.send_blocking(Event::Engine { generation, event });
+    }
 }

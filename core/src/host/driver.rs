@@ -4,7 +4,7 @@
 //! What differs per runtime (spawning tasks, timers, wrapping sockets) sits behind the
 //! small [`Runtime`] trait; everything else is written once, here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -266,6 +266,9 @@ const GENERATION_EVENTS: usize = 1024;
 /// Log lines are written when the loop goes idle or once this much is pending.
 const LOG_BATCH_BYTES: usize = 64 * 1024;
 
+/// Events fed into the daemon in a row before its outputs are carried out.
+const MAX_BATCH: usize = 64;
+
 impl<R: Runtime> Driver<R> {
     /// A driver for `setup` on runtime `rt`.
     pub fn new(rt: R, setup: ServeSetup) -> Self {
@@ -309,8 +312,9 @@ impl<R: Runtime> Driver<R> {
         let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
         let mut cancels: HashMap<GenId, CancelFlag> = HashMap::new();
         let mut infer_bound = false;
-        let mut pending: Vec<Event> = Vec::new();
+        let mut pending: VecDeque<Event> = VecDeque::new();
         let mut busy = 0u32;
+        let mut sleeper: Option<(crate::time::Time, BoxFuture)> = None;
         let result = 'serve: loop {
             // Carry out everything the daemon wants done.
             while let Some(out) = daemon.poll_output() {
@@ -320,13 +324,13 @@ impl<R: Runtime> Driver<R> {
                             .get(&conn)
                             .is_some_and(|h| h.writes.try_send(WriteCmd::Bytes(bytes)).is_ok());
                         if !sent {
-                            pending.push(Event::HungUp { conn });
+                            pending.push_back(Event::HungUp { conn });
                         }
                     }
                     Output::Read { conn } => {
                         let sent = conns.get(&conn).is_some_and(|h| h.reads.try_send(()).is_ok());
                         if !sent {
-                            pending.push(Event::HungUp { conn });
+                            pending.push_back(Event::HungUp { conn });
                         }
                     }
                     Output::Close { conn } => {
@@ -335,7 +339,8 @@ impl<R: Runtime> Driver<R> {
                         }
                     }
                     Output::Start { generation, backend, request } => {
-                        cancels.insert(generation, pool.start(generation, backend, request));
+                        let flag = pool.start(generation, backend, request, &mut pending);
+                        cancels.insert(generation, flag);
                     }
                     Output::Cancel { generation } => {
                         if let Some(flag) = cancels.get(&generation) {
@@ -388,7 +393,7 @@ impl<R: Runtime> Driver<R> {
                 busy = 0;
                 futures_lite::future::yield_now().await;
             }
-            let event = if let Some(ev) = pending.pop() {
+            let event = if let Some(ev) = pending.pop_front() {
                 ev
             } else if let Ok(ev) = rx.try_recv() {
                 ev
@@ -404,43 +409,70 @@ impl<R: Runtime> Driver<R> {
                     eprintln!("inferd: activity log: {e}");
                 }
                 busy = 0;
+                // One timer per deadline, kept across waits: the earliest deadline (a
+                // write-stall check a minute out) rarely moves, and arming a fresh timer
+                // on every wait costs a syscall per request.
                 let deadline = daemon.poll_timeout();
-                match wait(&rt, &rx, &gen_rx, deadline.map(|t| clock.until(t))).await {
+                if sleeper.as_ref().map(|(t, _)| *t) != deadline {
+                    sleeper = deadline.map(|t| (t, rt.sleep(clock.until(t))));
+                }
+                match wait(&rx, &gen_rx, sleeper.as_mut().map(|(_, f)| f)).await {
                     Some(ev) => ev,
                     None => {
+                        sleeper = None;
                         daemon.handle(clock.now(), Input::Timeout);
                         continue;
                     }
                 }
             };
             let now = clock.now();
-            match event {
-                Event::Accepted { conn, listener, peer, handle } => {
-                    conns.insert(conn, handle);
-                    daemon.handle(now, Input::Accepted { conn, listener, peer });
-                }
-                Event::Received { conn, bytes } => {
-                    daemon.handle(now, Input::Received { conn, bytes: &bytes })
-                }
-                Event::ReadClosed { conn } => daemon.handle(now, Input::ReadClosed { conn }),
-                Event::HungUp { conn } => daemon.handle(now, Input::HungUp { conn }),
-                Event::Flushed { conn } => daemon.handle(now, Input::Flushed { conn }),
-                Event::Engine { generation, event } => {
-                    if !matches!(event, EngineEvent::Token(_)) {
-                        cancels.remove(&generation);
+            // Feed every event already queued (in the same order of preference) before
+            // carrying out the outputs, so that what one wake-up brought (a token and the
+            // done after it, a flush and the next request) leaves as one write.
+            let mut event = event;
+            let mut batch = 1;
+            loop {
+                match event {
+                    Event::Accepted { conn, listener, peer, handle } => {
+                        conns.insert(conn, handle);
+                        daemon.handle(now, Input::Accepted { conn, listener, peer });
                     }
-                    daemon.handle(now, Input::Engine { generation, event });
+                    Event::Received { conn, bytes } => {
+                        daemon.handle(now, Input::Received { conn, bytes: &bytes })
+                    }
+                    Event::ReadClosed { conn } => daemon.handle(now, Input::ReadClosed { conn }),
+                    Event::HungUp { conn } => daemon.handle(now, Input::HungUp { conn }),
+                    Event::Flushed { conn } => daemon.handle(now, Input::Flushed { conn }),
+                    Event::Engine { generation, event } => {
+                        if !matches!(event, EngineEvent::Token(_)) {
+                            cancels.remove(&generation);
+                        }
+                        daemon.handle(now, Input::Engine { generation, event });
+                    }
+                    Event::BackendPhase { backend, phase } => {
+                        daemon.handle(now, Input::BackendPhase { backend, phase })
+                    }
+                    Event::BackendLoaded { backend, capabilities } => {
+                        daemon.handle(now, Input::BackendLoaded { backend, capabilities })
+                    }
+                    Event::BackendFailed { backend, error } => {
+                        daemon.handle(now, Input::BackendFailed { backend, error })
+                    }
+                    Event::Shutdown => daemon.handle(now, Input::Shutdown),
                 }
-                Event::BackendPhase { backend, phase } => {
-                    daemon.handle(now, Input::BackendPhase { backend, phase })
+                if batch == MAX_BATCH {
+                    break;
                 }
-                Event::BackendLoaded { backend, capabilities } => {
-                    daemon.handle(now, Input::BackendLoaded { backend, capabilities })
-                }
-                Event::BackendFailed { backend, error } => {
-                    daemon.handle(now, Input::BackendFailed { backend, error })
-                }
-                Event::Shutdown => daemon.handle(now, Input::Shutdown),
+                batch += 1;
+                event = if let Some(ev) = pending.pop_front() {
+                    ev
+                } else if let Ok(ev) = rx.try_recv() {
+                    ev
+                } else if let Ok(ev) = gen_rx.try_recv() {
+                    ev
+                } else {
+                    break;
+                };
             }
         };
         // Whatever the reason for leaving: close connections, stop engines, tidy files.
@@ -463,19 +495,17 @@ impl<R: Runtime> Driver<R> {
 }
 
 /// Waits for the next event or the deadline (`None` when the deadline came first).
-async fn wait<R: Runtime>(
-    rt: &R,
+async fn wait(
     rx: &Receiver<Event>,
     gen_rx: &Receiver<Event>,
-    timeout: Option<Duration>,
+    sleeper: Option<&mut BoxFuture>,
 ) -> Option<Event> {
     let recv = futures_lite::future::or(async { rx.recv().await.ok() }, async {
         gen_rx.recv().await.ok()
     });
-    match timeout {
+    match sleeper {
         None => recv.await,
-        Some(d) => {
-            let sleep = rt.sleep(d);
+        Some(sleep) => {
             futures_lite::future::or(recv, async {
                 sleep.await;
                 None

@@ -261,6 +261,10 @@ impl MockEngine {
     }
 }
 
+/// Generations of at most this many tokens and no delay run inline on the shell's loop
+/// (see `Engine::runs_inline`): they take a few microseconds.
+const INLINE_TOKENS: usize = 64;
+
 /// The tokens of one generation, produced one at a time so that a huge `token_count`
 /// costs nothing up front.
 struct Plan {
@@ -348,6 +352,11 @@ impl Engine for MockEngine {
         progress(LoadPhase::Mmap { path: "mock".into() });
         progress(LoadPhase::KvCache { n_ctx: 4096 });
         Ok(Capabilities::text_cpu())
+    }
+
+    fn runs_inline(&self, request: &GenerateRequest) -> bool {
+        let tokens = self.plan(request).len().min(request.max_tokens as usize);
+        self.config.token_delay.is_zero() && tokens <= INLINE_TOKENS
     }
 
     fn generate(
