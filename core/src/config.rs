@@ -349,6 +349,15 @@ fn option_name(top_level: &str) -> &str {
     }
 }
 
+/// The name a backend of `kind` gets when none is given: the kind, then `kind#2`,
+/// `kind#3` … for repeats among `earlier` (the kinds before it in priority order).
+pub fn default_name<'a>(earlier: impl Iterator<Item = &'a str>, kind: &str) -> String {
+    match earlier.filter(|k| *k == kind).count() {
+        0 => kind.to_owned(),
+        same => format!("{kind}#{}", same + 1),
+    }
+}
+
 fn backend_of_kind(key: &str, kind: &str) -> Result<BackendSpec, ConfigError> {
     if !BACKEND_KINDS.contains(&kind) {
         return Err(ConfigError::new(
@@ -387,10 +396,7 @@ fn parse_backends(v: &Value) -> Result<Vec<BackendSpec>, ConfigError> {
         let mut spec = backend_of_kind(&format!("{at}.kind"), &kind)?;
         spec.name = match obj.get("name") {
             Some(n) => get_string(&format!("{at}.name"), n)?,
-            None => {
-                let same = list.iter().filter(|b| b.kind == kind).count();
-                if same == 0 { kind.clone() } else { format!("{kind}#{}", same + 1) }
-            }
+            None => default_name(list.iter().map(|b| b.kind.as_str()), &kind),
         };
         if spec.name.is_empty() {
             return Err(ConfigError::new(format!("{at}.name"), "must not be empty"));

@@ -799,6 +799,11 @@ impl Daemon {
             return;
         }
         if self.phase == Phase::Draining {
+            let rec = self
+                .record(Level::Warn, "request_rejected")
+                .str("req_id", &req.id)
+                .str("code", "backend_unavailable");
+            self.log(rec);
             self.send_error(id, &req.id, ErrorCode::BackendUnavailable, "daemon is draining");
             self.close_after_flush(id);
             return;

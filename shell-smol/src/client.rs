@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use inferd_core::host::paths;
-use inferd_core::wire::{self, Frame};
+use inferd_core::wire::Frame;
 use serde_json::{Value, json};
 
 /// Where the daemon's sockets are.
@@ -238,12 +238,4 @@ pub fn status(client: &ClientArgs, args: &StatusArgs) -> ExitCode {
         return ExitCode::from(3);
     }
     ExitCode::SUCCESS
-}
-
-/// Encodes an error frame (used by tests of the client's parsing).
-#[doc(hidden)]
-pub fn sample_error_frame() -> Vec<u8> {
-    let mut out = Vec::new();
-    wire::encode_error(&mut out, "cli", wire::ErrorCode::QueueFull, "full");
-    out
 }

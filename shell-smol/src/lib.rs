@@ -60,7 +60,9 @@ impl Runtime for SmolRuntime {
                         let tasks = ctx.register(stream.as_fd(), kind, peer);
                         spawn_conn(&ex, stream, tasks);
                     }
-                    Err(_) => smol::Timer::after(ACCEPT_BACKOFF).await.into_unit(),
+                    Err(_) => {
+                        smol::Timer::after(ACCEPT_BACKOFF).await;
+                    }
                 }
             }
         });
@@ -86,7 +88,9 @@ impl Runtime for SmolRuntime {
                         );
                         spawn_conn(&ex, stream, tasks);
                     }
-                    Err(_) => smol::Timer::after(ACCEPT_BACKOFF).await.into_unit(),
+                    Err(_) => {
+                        smol::Timer::after(ACCEPT_BACKOFF).await;
+                    }
                 }
             }
         });
@@ -114,13 +118,6 @@ impl Runtime for SmolRuntime {
             .detach();
         Ok(())
     }
-}
-
-trait IntoUnit {
-    fn into_unit(self);
-}
-impl<T> IntoUnit for T {
-    fn into_unit(self) {}
 }
 
 /// Starts a connection's reader and writer tasks.

@@ -4,7 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use inferd_core::config::DaemonConfig;
+use inferd_core::config::{DaemonConfig, default_name};
 use inferd_core::daemon::Stats;
 use inferd_core::engine::Engine;
 use inferd_core::host::driver::{Driver, DriverHandle, ServeSetup};
@@ -175,15 +175,10 @@ impl EmbedConfig {
     }
 }
 
-/// Engine kinds as backend names, `#2`, `#3` … on repeats.
+/// Engine kinds as backend names, `#2`, `#3` … on repeats (as the config names them).
 fn backend_names(engines: &[Arc<dyn Engine>]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for engine in engines {
-        let kind = engine.kind();
-        let seen = names.iter().filter(|n| n.split('#').next() == Some(kind)).count();
-        names.push(if seen == 0 { kind.to_owned() } else { format!("{kind}#{}", seen + 1) });
-    }
-    names
+    let kinds: Vec<&str> = engines.iter().map(|e| e.kind()).collect();
+    (0..kinds.len()).map(|i| default_name(kinds[..i].iter().copied(), kinds[i])).collect()
 }
 
 /// Keeps the signal handler of [`shutdown_on_signals`] running; dropping it stops it.
