@@ -152,12 +152,13 @@ mod tests {
                 connections: 3,
                 served: 4,
                 rejected: 5,
-                breakers: vec![("a", "open")],
+                breakers: vec![("a", "open"), ("b", "closed")],
             },
         );
         let v = parse(&out);
         assert_eq!(v["status"], "stats");
         assert_eq!(v["breakers"]["a"], "open");
+        assert_eq!(v["breakers"]["b"], "closed");
         assert_eq!(v["served"], 4);
     }
 }

@@ -159,6 +159,23 @@ mod tests {
     }
 
     #[test]
+    fn waiting_is_reported_and_promotion_respects_the_permits() {
+        let mut a = Admission::new(2, 2);
+        assert_eq!(a.admit(1), Admit::Run);
+        assert_eq!(a.admit(2), Admit::Run);
+        assert_eq!(a.admit(3), Admit::Queued);
+        assert!(a.is_waiting(3));
+        assert!(!a.is_waiting(1));
+        // A released place goes to the waiter; the permits stay full, nobody else moves.
+        assert_eq!(a.release(), Some(3));
+        assert!(!a.is_waiting(3));
+        assert_eq!(a.running(), 2);
+        assert_eq!(a.admit(4), Admit::Queued);
+        assert_eq!(a.admit(5), Admit::Queued);
+        assert_eq!(a.admit(6), Admit::Full);
+    }
+
+    #[test]
     fn zero_queue_depth() {
         let mut a = Admission::new(1, 0);
         assert_eq!(a.admit(1), Admit::Run);

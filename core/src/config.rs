@@ -481,6 +481,53 @@ mod tests {
     }
 
     #[test]
+    fn every_key_reaches_its_setting() {
+        let s = Settings::from_json(
+            r#"{"active_permits":2,"queue_depth":3,"max_frame_bytes":2048,"write_timeout_secs":4,
+                "read_timeout_secs":5,"max_connections":6,"drain_timeout_secs":7,"stats_interval_ms":8,
+                "admin_lag_limit":9,"failure_threshold":10,"failure_window_secs":11,"cooldown_secs":12,
+                "ready_timeout_secs":13,"api_key":"k","runtime_dir":"/r","uds":"/u","admin_addr":"/a",
+                "lock":"/l","log_dir":"/g","tcp":"127.0.0.1:1","group":"grp",
+                "backends":[{"kind":"mock","name":"m","fail":"before"}]}"#,
+        )
+        .unwrap();
+        let c = s.daemon_config().unwrap();
+        assert_eq!((c.active_permits, c.queue_depth, c.max_frame_bytes), (2, 3, 2048));
+        assert_eq!(c.write_timeout, Duration::from_secs(4));
+        assert_eq!(c.read_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_connections, 6);
+        assert_eq!(c.drain_timeout, Duration::from_secs(7));
+        assert_eq!(c.stats_interval, Duration::from_millis(8));
+        assert_eq!(c.admin_lag_limit, 9);
+        assert_eq!(c.breaker.failure_threshold, 10);
+        assert_eq!(c.breaker.failure_window, Duration::from_secs(11));
+        assert_eq!(c.breaker.cooldown, Duration::from_secs(12));
+        assert_eq!(c.ready_timeout, Duration::from_secs(13));
+        assert_eq!(c.api_key.as_deref(), Some("k"));
+        assert_eq!(c.backends, vec!["m"]);
+        let strings =
+            [&s.runtime_dir, &s.uds, &s.admin_addr, &s.lock, &s.log_dir, &s.tcp, &s.group];
+        let got: Vec<&str> = strings.iter().map(|v| v.as_deref().unwrap_or("")).collect();
+        assert_eq!(got, ["/r", "/u", "/a", "/l", "/g", "127.0.0.1:1", "grp"]);
+        let b = &s.resolved_backends()[0];
+        assert_eq!(b.to_string(), "m (mock)");
+        assert_eq!(b.options.len(), 1, "kind and name are not options: {:?}", b.options);
+    }
+
+    #[test]
+    fn frame_cap_has_a_floor_and_values_are_quoted_in_errors() {
+        let e = Settings::from_json(r#"{"max_frame_bytes":1023}"#).unwrap().daemon_config();
+        assert_eq!(e.unwrap_err().key, "max_frame_bytes");
+        let c = Settings::from_json(r#"{"max_frame_bytes":1024}"#).unwrap().daemon_config();
+        assert_eq!(c.unwrap().max_frame_bytes, 1024);
+        let e = Settings::from_json(r#"{"queue_depth":"abc"}"#).unwrap_err();
+        assert!(e.problem.ends_with(r#"got "abc""#), "{e}");
+        let long = "x".repeat(100);
+        let e = Settings::from_json(&format!(r#"{{"queue_depth":"{long}"}}"#)).unwrap_err();
+        assert!(e.problem.ends_with('…') && e.problem.len() < 100, "{e}");
+    }
+
+    #[test]
     fn layers_override_in_order() {
         let mut file =
             Settings::from_json(r#"{"queue_depth":3,"active_permits":2,"backend":"mock"}"#)
