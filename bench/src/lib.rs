@@ -44,9 +44,7 @@ impl Drop for TempDir {
 
 /// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
 pub fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if n > 0 { n as u64 } else { 100 }
+    rustix::param::clock_ticks_per_second()
 }
 
 /// utime + stime in clock ticks of a process (every thread) or, with `tid`, of one
@@ -92,19 +90,16 @@ pub fn fd_count(pid: u32) -> io::Result<usize> {
 
 /// The thread id of the calling thread.
 pub fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
+    rustix::thread::gettid().as_raw_nonzero().get()
 }
 
 /// Raises the soft descriptor limit to the hard one (idle-connection runs open many).
 pub fn raise_fd_limit() {
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut r = getrlimit(Resource::Nofile);
+    if r.current < r.maximum {
+        r.current = r.maximum;
+        let _ = setrlimit(Resource::Nofile, r);
     }
 }
 
@@ -245,9 +240,8 @@ impl Drop for Daemon {
         if !self.is_running() {
             return;
         }
-        // SAFETY: signalling our own child by pid.
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
