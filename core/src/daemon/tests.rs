@@ -827,6 +827,8 @@ fn large_backlogs_go_out_in_chunks() {
     let sizes = &h.send_sizes[&c][1..];
     assert!(sizes.len() >= 3, "{sizes:?}");
     assert!(sizes.iter().all(|&n| n < 2 * SEND_CHUNK), "{sizes:?}");
+    // Chunks are full except the last: the backlog is not cut into frame-sized writes.
+    assert!(sizes[..sizes.len() - 1].iter().all(|&n| n >= SEND_CHUNK), "{sizes:?}");
     assert!(matches!(h.frames(c).last(), Some(Frame::Done { .. })));
 }
 
