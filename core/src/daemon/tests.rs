@@ -878,3 +878,49 @@ fn frames_stay_under_the_cap_whatever_the_id_and_tokens() {
         .collect();
     assert_eq!(tokens, format!("{piece}a🦀"));
 }
+
+#[test]
+fn long_ids_on_refused_lines_are_not_echoed() {
+    let mut c = cfg(&["m"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    let max = "i".repeat(256);
+    let over = "i".repeat(257);
+    // Decodable but invalid: the id at the limit is echoed, one byte more is not.
+    h.line(conn, &format!(r#"{{"id":"{max}","messages":[]}}"#));
+    assert!(matches!(h.frames(conn).last(), Some(Frame::Error { id, .. }) if id == &max));
+    h.line(conn, &format!(r#"{{"id":"{over}","messages":[]}}"#));
+    assert!(matches!(h.frames(conn).last(), Some(Frame::Error { id, .. }) if id.is_empty()));
+    assert!(h.is_open(conn));
+    // A valid request with the longest id is served.
+    h.line(conn, &format!(r#"{{"id":"{max}","messages":[{{"role":"user","content":"x"}}]}}"#));
+    assert_eq!(h.starts.len(), 1);
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    // Undecodable: the salvaged id is dropped when too long, and the connection closes.
+    h.line(conn, &format!(r#"{{"id":"{over}","messages":"x"}}"#));
+    assert!(matches!(h.frames(conn).last(), Some(Frame::Error { id, .. }) if id.is_empty()));
+    assert!(!h.is_open(conn));
+}
+
+#[test]
+fn accessors_follow_the_lifecycle() {
+    let mut h = H::new(cfg(&["m"]));
+    assert!(!h.d.is_ready());
+    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    assert!(h.d.is_ready());
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let c = h.connect();
+    assert_eq!(h.d.connections_open(), 2);
+    h.line(c, &req("a"));
+    assert_eq!(h.d.generations_running(), 1);
+    let g = h.last_start();
+    h.done(g, StopReason::End, 0);
+    assert_eq!(h.d.generations_running(), 0);
+    assert!(!h.d.has_exited());
+    h.input(Input::Shutdown);
+    assert!(h.d.has_exited());
+    assert_eq!(h.d.connections_open(), 0);
+    assert!(!h.is_open(admin));
+}
