@@ -231,6 +231,9 @@ impl Hasher for IdHasher {
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+/// The message of requests refused because the daemon is shutting down.
+const DRAINING: &str = "daemon is draining";
+
 /// The longest TCP authentication line accepted (spec §6).
 pub const MAX_AUTH_LINE_BYTES: usize = 4096;
 
@@ -658,12 +661,7 @@ impl Daemon {
                 }
                 Ok(Ok(Err(e))) => {
                     let e = self.bound_error_id(e);
-                    let rec = self
-                        .record(Level::Warn, "request_rejected")
-                        .str("req_id", e.id())
-                        .str("code", "invalid_request");
-                    self.log(rec);
-                    self.send_error(id, e.id(), ErrorCode::InvalidRequest, e.message());
+                    self.reject(id, e.id(), ErrorCode::InvalidRequest, e.message());
                     if e.closes_connection() {
                         self.close_after_flush(id);
                     }
@@ -786,25 +784,25 @@ impl Daemon {
         }
     }
 
+    /// Refuses a request before it reaches an engine: records it and answers the error.
+    fn reject(&mut self, id: ConnId, req_id: &str, code: ErrorCode, message: &str) {
+        let rec = self
+            .record(Level::Warn, "request_rejected")
+            .str("req_id", req_id)
+            .str("code", code.as_str());
+        self.log(rec);
+        self.send_error(id, req_id, code, message);
+    }
+
     fn on_request(&mut self, id: ConnId, req: Request) {
         let max_id = self.max_id_bytes();
         if req.id.len() > max_id {
-            let rec = self
-                .record(Level::Warn, "request_rejected")
-                .str("req_id", "")
-                .str("code", "invalid_request");
-            self.log(rec);
             let msg = format!("`id` is {} bytes, more than {max_id}", req.id.len());
-            self.send_error(id, "", ErrorCode::InvalidRequest, &msg);
+            self.reject(id, "", ErrorCode::InvalidRequest, &msg);
             return;
         }
         if self.phase == Phase::Draining {
-            let rec = self
-                .record(Level::Warn, "request_rejected")
-                .str("req_id", &req.id)
-                .str("code", "backend_unavailable");
-            self.log(rec);
-            self.send_error(id, &req.id, ErrorCode::BackendUnavailable, "daemon is draining");
+            self.reject(id, &req.id, ErrorCode::BackendUnavailable, DRAINING);
             self.close_after_flush(id);
             return;
         }
@@ -827,17 +825,12 @@ impl Daemon {
             }
             Admit::Full => {
                 self.stats_dirty = true;
-                let rec = self
-                    .record(Level::Warn, "request_rejected")
-                    .str("req_id", &req.id)
-                    .str("code", "queue_full");
-                self.log(rec);
                 let msg = format!(
                     "queue full: {} generating and {} waiting",
                     self.admission.running(),
                     self.admission.waiting()
                 );
-                self.send_error(id, &req.id, ErrorCode::QueueFull, &msg);
+                self.reject(id, &req.id, ErrorCode::QueueFull, &msg);
             }
         }
     }
@@ -854,17 +847,12 @@ impl Daemon {
     ) {
         let now = self.now;
         let Some(route) = self.router.route(now) else {
-            let rec = self
-                .record(Level::Warn, "request_rejected")
-                .str("req_id", &req_id)
-                .str("code", "backend_unavailable");
-            self.log(rec);
             let msg = if self.router.next_cooldown_end(now).is_some() {
                 "no backend available: circuit breaker open"
             } else {
                 "no backend is ready"
             };
-            self.send_error(id, &req_id, ErrorCode::BackendUnavailable, msg);
+            self.reject(id, &req_id, ErrorCode::BackendUnavailable, msg);
             if let Some(c) = self.conns.get_mut(&id) {
                 c.request = None;
             }
@@ -1290,12 +1278,7 @@ impl Daemon {
         for id in waiting {
             let Some(c) = self.conns.get_mut(&id) else { continue };
             if let Some(req) = c.request.take() {
-                let rec = self
-                    .record(Level::Warn, "request_rejected")
-                    .str("req_id", &req.id)
-                    .str("code", "backend_unavailable");
-                self.log(rec);
-                self.send_error(id, &req.id, ErrorCode::BackendUnavailable, "daemon is draining");
+                self.reject(id, &req.id, ErrorCode::BackendUnavailable, DRAINING);
             }
             self.close_after_flush(id);
         }
