@@ -13,7 +13,7 @@ use futures_lite::AsyncWriteExt;
 use inferd_core::daemon::ListenerKind;
 use inferd_core::host::driver::{
     AcceptCtx, AcceptGuard, BoxFuture, ConnTasks, Event, Runtime, WriteCmd, WriteOutcome,
-    report_read, tcp_peer, unix_peer, write_or_close,
+    read_once, report_read, tcp_peer, unix_peer, write_or_close,
 };
 use inferd_core::host::hangup::HangupWatcher;
 use smol::{Async, Executor};
@@ -136,12 +136,11 @@ where
             // Wait for readiness before reading: right after a reply the client has not
             // sent its next request yet, and a speculative read would only say EAGAIN.
             let outcome = match r_stream.readable().await {
+                // `read_with` retries on WouldBlock, which `read_once` reports as `None`.
                 Ok(()) => {
                     r_stream
                         .read_with(|s| {
-                            let mut buf = [0u8; 16 * 1024];
-                            let n = (&*s).read(&mut buf)?;
-                            Ok(buf[..n].to_vec())
+                            read_once(s).and_then(|got| got.ok_or(io::ErrorKind::WouldBlock.into()))
                         })
                         .await
                 }
