@@ -62,7 +62,7 @@ impl SimParams {
         SimParams { max_clients: 24, max_admins: 2, max_horizon_ms: 30_000, max_steps: 500_000 };
     /// A smaller size for fuzzing, where the input bytes drive the run.
     pub const FUZZ: SimParams =
-        SimParams { max_clients: 6, max_admins: 1, max_horizon_ms: 6_000, max_steps: 200_000 };
+        SimParams { max_clients: 3, max_admins: 1, max_horizon_ms: 1_000, max_steps: 100_000 };
 }
 
 /// What a passing run did.

@@ -83,3 +83,14 @@ fn every_target_has_a_corpus() {
     let n = std::fs::read_dir(targets).map(|d| d.count()).unwrap_or(0);
     assert_eq!(n, TARGETS.len(), "a fuzz target without a replay here (or the reverse)");
 }
+
+/// The fuzz target checks one kind of admin event per input; here every saved input's
+/// text goes through every kind, so the replay covers them all whatever the first bytes.
+#[test]
+fn admin_corpus_text_in_every_admin_event() {
+    for f in inputs(TARGETS[3].0) {
+        let data = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let text = String::from_utf8_lossy(&data[..data.len().min(512)]).into_owned();
+        inferd_proptests::check_admin_events(&text);
+    }
+}
