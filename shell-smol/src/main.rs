@@ -67,7 +67,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     let ex = Arc::new(smol::Executor::new());
-    let driver = Driver::new(SmolRuntime::new(ex.clone()), prepared.setup);
+    let driver = Driver::new(SmolRuntime::new(), prepared.setup);
     let events = driver.handle().events();
     let signals =
         match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {

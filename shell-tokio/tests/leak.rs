@@ -1,5 +1,5 @@
-//! Starting and stopping embedded daemons leaks no descriptors (the hang-up watcher
-//! task stops with its daemon). Alone in its test binary so the count is not disturbed
+//! Starting and stopping embedded daemons leaks no descriptors (the socket set's epoll
+//! instance and its registration with tokio go with the daemon). Alone in its test binary so the count is not disturbed
 //! by other tests.
 
 mod common;

@@ -1,17 +1,19 @@
 //! The driver loop shared by every async shell: it owns the [`Daemon`], turns socket,
 //! engine and signal events into inputs, and carries out the outputs.
 //!
-//! What differs per runtime (spawning tasks, timers, wrapping sockets) sits behind the
-//! small [`Runtime`] trait; everything else is written once, here.
+//! The driver reads and writes the sockets itself ([`Conns`]: one epoll set, no task per
+//! connection). What differs per runtime (a timer, and waiting for the epoll descriptor
+//! to become readable) sits behind the small [`Runtime`] trait; everything else is
+//! written once, here.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
@@ -20,7 +22,7 @@ use crate::config::DaemonConfig;
 use crate::daemon::{ConnId, Daemon, GenId, Input, ListenerKind, Output, Peer, Stats};
 use crate::engine::{CancelFlag, Capabilities, Engine, EngineError, EngineEvent, LoadPhase};
 use crate::host::bridge::EnginePool;
-use crate::host::hangup::HangupWatcher;
+use crate::host::conns::Conns;
 use crate::host::logfile::ActivityLogFile;
 use crate::host::socket;
 use crate::host::time::MonotonicClock;
@@ -28,10 +30,13 @@ use crate::host::time::MonotonicClock;
 /// A boxed future, as runtimes hand them out.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// A boxed future borrowing its source, as [`Readiness::readable`] hands them out.
+pub type BorrowedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// Something that happened, reported to the driver by tasks and threads.
 #[derive(Debug)]
 pub enum Event {
-    /// A connection was accepted and its tasks started.
+    /// A connection was accepted.
     Accepted {
         /// Its name.
         conn: ConnId,
@@ -39,8 +44,6 @@ pub enum Event {
         listener: ListenerKind,
         /// Who.
         peer: Peer,
-        /// How to reach its tasks.
-        handle: ConnHandle,
     },
     /// Bytes read after a read credit.
     Received {
@@ -96,67 +99,6 @@ pub enum Event {
     Shutdown,
 }
 
-/// What the driver tells a connection's writer task.
-#[derive(Debug)]
-pub enum WriteCmd {
-    /// Write these bytes, then report [`Event::Flushed`].
-    Bytes(Vec<u8>),
-    /// Shut the socket down and end the connection's tasks.
-    Close,
-}
-
-/// The driver's end of a connection's tasks.
-#[derive(Debug)]
-pub struct ConnHandle {
-    /// One message per read credit.
-    pub reads: Sender<()>,
-    /// Writes and the close.
-    pub writes: Sender<WriteCmd>,
-}
-
-/// The channels a connection's tasks use; made by [`AcceptCtx::register`].
-#[derive(Debug)]
-pub struct ConnTasks {
-    /// The connection's name.
-    pub conn: ConnId,
-    /// Read credits from the driver.
-    pub reads: Receiver<()>,
-    /// Write commands from the driver.
-    pub writes: Receiver<WriteCmd>,
-    /// Where to report.
-    pub events: Sender<Event>,
-}
-
-/// What an accept loop needs: where to report, how to name connections, and the
-/// hang-up watcher to register them with.
-#[derive(Clone, Debug)]
-pub struct AcceptCtx {
-    events: Sender<Event>,
-    ids: Arc<AtomicU64>,
-    hangups: Arc<HangupWatcher>,
-}
-
-impl AcceptCtx {
-    /// Names a freshly accepted connection, watches it for hang-ups, and announces it to
-    /// the driver. Returns the channels its reader and writer tasks serve.
-    pub fn register(
-        &self,
-        fd: std::os::fd::BorrowedFd<'_>,
-        listener: ListenerKind,
-        peer: Peer,
-    ) -> ConnTasks {
-        let conn = ConnId(self.ids.fetch_add(1, Ordering::Relaxed));
-        // Without the watcher a client leaving mid-request is still noticed at the next
-        // write; the watcher only makes it sooner.
-        let _ = self.hangups.add(fd, conn.0);
-        let (read_tx, read_rx) = async_channel::unbounded();
-        let (write_tx, write_rx) = async_channel::unbounded();
-        let handle = ConnHandle { reads: read_tx, writes: write_tx };
-        let _ = self.events.try_send(Event::Accepted { conn, listener, peer, handle });
-        ConnTasks { conn, reads: read_rx, writes: write_rx, events: self.events.clone() }
-    }
-}
-
 /// The peer of a Unix connection, from SO_PEERCRED.
 pub fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> Peer {
     let creds = crate::host::peer::peer_credentials(fd);
@@ -178,30 +120,20 @@ pub fn tcp_peer(addr: Option<std::net::SocketAddr>) -> Peer {
     }
 }
 
-/// Keeps an accept loop alive; dropping it stops accepting.
-pub type AcceptGuard = Box<dyn Send>;
+/// A descriptor a runtime watches for the driver (see [`Runtime::readiness`]).
+pub trait Readiness: Send {
+    /// Completes when the descriptor may have become readable since the previous call
+    /// began; the caller then takes everything that is ready before calling again.
+    /// Spurious completions are allowed, lost ones are not.
+    fn readable(&mut self) -> BorrowedFuture<'_, io::Result<()>>;
+}
 
 /// The few things that differ between async runtimes.
 pub trait Runtime: Clone + 'static {
     /// A future that completes after `d`.
     fn sleep(&self, d: Duration) -> BoxFuture;
-    /// Spawns an accept loop on a Unix listener; each connection gets a reader and a
-    /// writer task (see [`AcceptCtx::register`]).
-    fn listen_unix(
-        &self,
-        listener: UnixListener,
-        kind: ListenerKind,
-        ctx: AcceptCtx,
-    ) -> io::Result<AcceptGuard>;
-    /// Spawns an accept loop on a loopback TCP listener (inference only).
-    fn listen_tcp(
-        &self,
-        listener: std::net::TcpListener,
-        ctx: AcceptCtx,
-    ) -> io::Result<AcceptGuard>;
-    /// Spawns a task that awaits the watcher's descriptor and reports
-    /// [`Event::HungUp`] for each connection it names.
-    fn watch_hangups(&self, watcher: Arc<HangupWatcher>, events: Sender<Event>) -> io::Result<()>;
+    /// Wraps the driver's epoll descriptor so that the driver can wait for it.
+    fn readiness(&self, fd: OwnedFd) -> io::Result<Box<dyn Readiness>>;
 }
 
 /// Everything the driver needs, prepared by the shell (lock held, admin socket bound).
@@ -269,6 +201,10 @@ const LOG_BATCH_BYTES: usize = 64 * 1024;
 /// Events fed into the daemon in a row before its outputs are carried out.
 const MAX_BATCH: usize = 64;
 
+/// Engine events taken in a row before the socket set is asked again, so that a token
+/// flood neither starves clients nor costs an `epoll_wait` per token.
+const SOCKETS_EVERY: u32 = 64;
+
 impl<R: Runtime> Driver<R> {
     /// A driver for `setup` on runtime `rt`.
     pub fn new(rt: R, setup: ServeSetup) -> Self {
@@ -288,18 +224,16 @@ impl<R: Runtime> Driver<R> {
             setup;
         let clock = MonotonicClock::new();
         let mut daemon = Daemon::new(config, clock.now(), crate::host::time::unix_millis_now());
-        let hangups = match HangupWatcher::new() {
-            Ok(w) => Arc::new(w),
-            Err(e) => return (1, format!("cannot create the hang-up watcher: {e}")),
+        let mut conns = match Conns::new() {
+            Ok(c) => c,
+            Err(e) => return (1, format!("cannot create the socket set: {e}")),
         };
-        if let Err(e) = rt.watch_hangups(hangups.clone(), tx.clone()) {
-            return (1, format!("cannot watch for hang-ups: {e}"));
-        }
-        let ctx = AcceptCtx { events: tx.clone(), ids: Arc::new(AtomicU64::new(1)), hangups };
-        let mut listeners: Vec<AcceptGuard> = Vec::new();
-        match rt.listen_unix(admin, ListenerKind::Admin, ctx.clone()) {
-            Ok(g) => listeners.push(g),
-            Err(e) => return (1, format!("cannot serve the admin socket: {e}")),
+        let mut ready = match conns.fd().and_then(|fd| rt.readiness(fd)) {
+            Ok(r) => r,
+            Err(e) => return (1, format!("cannot watch the socket set: {e}")),
+        };
+        if let Err(e) = conns.listen_unix(admin, ListenerKind::Admin) {
+            return (1, format!("cannot serve the admin socket: {e}"));
         }
         // Engine events travel on their own bounded channel and are taken after socket
         // events: a `Flushed` must never wait behind thousands of queued tokens (the
@@ -309,35 +243,21 @@ impl<R: Runtime> Driver<R> {
         let pool = EnginePool::new(engines, tx.clone(), gen_tx);
         pool.load_all();
 
-        let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
         let mut cancels: HashMap<GenId, CancelFlag> = HashMap::new();
         let mut infer_bound = false;
         let mut pending: VecDeque<Event> = VecDeque::new();
         let mut busy = 0u32;
+        // Events taken since the socket set was last asked; see `SOCKETS_EVERY`.
+        let mut since_poll = 0u32;
         let mut sleeper: Option<(crate::time::Time, BoxFuture)> = None;
         let result = 'serve: loop {
-            // Carry out everything the daemon wants done.
+            // Carry out everything the daemon wants done. Reads and writes happen right
+            // here; what they bring (bytes, a flush) is queued as the next events.
             while let Some(out) = daemon.poll_output() {
                 match out {
-                    Output::Send { conn, bytes } => {
-                        let sent = conns
-                            .get(&conn)
-                            .is_some_and(|h| h.writes.try_send(WriteCmd::Bytes(bytes)).is_ok());
-                        if !sent {
-                            pending.push_back(Event::HungUp { conn });
-                        }
-                    }
-                    Output::Read { conn } => {
-                        let sent = conns.get(&conn).is_some_and(|h| h.reads.try_send(()).is_ok());
-                        if !sent {
-                            pending.push_back(Event::HungUp { conn });
-                        }
-                    }
-                    Output::Close { conn } => {
-                        if let Some(h) = conns.remove(&conn) {
-                            let _ = h.writes.try_send(WriteCmd::Close);
-                        }
-                    }
+                    Output::Send { conn, bytes } => conns.send(conn, bytes, &mut pending),
+                    Output::Read { conn } => conns.read(conn, &mut pending),
+                    Output::Close { conn } => conns.close(conn),
                     Output::Start { generation, backend, request } => {
                         let flag = pool.start(generation, backend, request, &mut pending);
                         cancels.insert(generation, flag);
@@ -357,21 +277,17 @@ impl<R: Runtime> Driver<R> {
                     }
                     Output::BindInference => {
                         match bind_inference(
-                            &rt,
-                            &ctx,
+                            &mut conns,
                             &infer_path,
                             group.as_deref(),
                             tcp.as_deref(),
                         ) {
-                            Ok(mut guards) => {
-                                infer_bound = true;
-                                listeners.append(&mut guards);
-                            }
+                            Ok(()) => infer_bound = true,
                             Err(msg) => break 'serve (1, msg),
                         }
                     }
                     Output::StopAccepting => {
-                        listeners.clear();
+                        conns.stop_listening();
                         if infer_bound {
                             let _ = socket::remove_socket_file(&infer_path);
                         }
@@ -383,47 +299,71 @@ impl<R: Runtime> Driver<R> {
             if let Ok(mut s) = stats.lock() {
                 *s = daemon.stats();
             }
-            // Next event: socket and control events first, then due timers, then engine
-            // events; when nothing is queued, flush the log and wait.
-            // Let the connection tasks on this thread run now and then: with engine
-            // events always waiting, the loop would otherwise never yield, and writers
-            // could not produce the `Flushed` the write-stall timer waits for.
+            // Let the other tasks of this thread (signal handlers, an embedding host's)
+            // run now and then: with events always waiting, the loop would never yield.
             busy += 1;
             if busy >= YIELD_EVERY {
                 busy = 0;
                 futures_lite::future::yield_now().await;
             }
+            // Next event: what the last outputs brought, control events, due timers,
+            // socket readiness, then engine events (asking the sockets at least every
+            // SOCKETS_EVERY engine events); when nothing is left, flush the log and wait.
+            let now = clock.now();
             let event = if let Some(ev) = pending.pop_front() {
                 ev
             } else if let Ok(ev) = rx.try_recv() {
                 ev
-            } else if daemon.poll_timeout().is_some_and(|t| t <= clock.now()) {
-                daemon.handle(clock.now(), Input::Timeout);
+            } else if daemon.poll_timeout().is_some_and(|t| t <= now) {
+                daemon.handle(now, Input::Timeout);
                 continue;
+            } else if since_poll >= SOCKETS_EVERY || gen_rx.is_empty() {
+                since_poll = 0;
+                let drained = match conns.poll(now, &mut pending) {
+                    Ok(d) => d,
+                    Err(e) => break 'serve (1, format!("cannot poll the sockets: {e}")),
+                };
+                if !pending.is_empty() || !drained {
+                    continue;
+                }
+                if let Ok(ev) = gen_rx.try_recv() {
+                    ev
+                } else {
+                    if let Some(log) = log.as_mut()
+                        && let Err(e) = log.flush()
+                    {
+                        eprintln!("inferd: activity log: {e}");
+                    }
+                    busy = 0;
+                    // One timer per deadline, kept across waits: the earliest deadline (a
+                    // write-stall check a minute out) rarely moves, and arming a fresh
+                    // timer on every wait costs a syscall per request.
+                    let deadline = match (daemon.poll_timeout(), conns.next_retry()) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    if sleeper.as_ref().map(|(t, _)| *t) != deadline {
+                        sleeper = deadline.map(|t| (t, rt.sleep(clock.until(t))));
+                    }
+                    match wait(&rx, &gen_rx, ready.as_mut(), sleeper.as_mut().map(|(_, f)| f)).await
+                    {
+                        Woken::Event(ev) => ev,
+                        // Asked at the top of the next round.
+                        Woken::Sockets => continue,
+                        Woken::SocketsFailed(e) => {
+                            break 'serve (1, format!("cannot wait for the sockets: {e}"));
+                        }
+                        Woken::Deadline => {
+                            sleeper = None;
+                            daemon.handle(clock.now(), Input::Timeout);
+                            continue;
+                        }
+                    }
+                }
             } else if let Ok(ev) = gen_rx.try_recv() {
                 ev
             } else {
-                if let Some(log) = log.as_mut()
-                    && let Err(e) = log.flush()
-                {
-                    eprintln!("inferd: activity log: {e}");
-                }
-                busy = 0;
-                // One timer per deadline, kept across waits: the earliest deadline (a
-                // write-stall check a minute out) rarely moves, and arming a fresh timer
-                // on every wait costs a syscall per request.
-                let deadline = daemon.poll_timeout();
-                if sleeper.as_ref().map(|(t, _)| *t) != deadline {
-                    sleeper = deadline.map(|t| (t, rt.sleep(clock.until(t))));
-                }
-                match wait(&rx, &gen_rx, sleeper.as_mut().map(|(_, f)| f)).await {
-                    Some(ev) => ev,
-                    None => {
-                        sleeper = None;
-                        daemon.handle(clock.now(), Input::Timeout);
-                        continue;
-                    }
-                }
+                continue;
             };
             let now = clock.now();
             // Feed every event already queued (in the same order of preference) before
@@ -432,9 +372,11 @@ impl<R: Runtime> Driver<R> {
             let mut event = event;
             let mut batch = 1;
             loop {
+                if matches!(event, Event::Engine { .. }) {
+                    since_poll += 1;
+                }
                 match event {
-                    Event::Accepted { conn, listener, peer, handle } => {
-                        conns.insert(conn, handle);
+                    Event::Accepted { conn, listener, peer } => {
                         daemon.handle(now, Input::Accepted { conn, listener, peer });
                     }
                     Event::Received { conn, bytes } => {
@@ -468,7 +410,9 @@ impl<R: Runtime> Driver<R> {
                     ev
                 } else if let Ok(ev) = rx.try_recv() {
                     ev
-                } else if let Ok(ev) = gen_rx.try_recv() {
+                } else if since_poll < SOCKETS_EVERY
+                    && let Ok(ev) = gen_rx.try_recv()
+                {
                     ev
                 } else {
                     break;
@@ -476,13 +420,11 @@ impl<R: Runtime> Driver<R> {
             }
         };
         // Whatever the reason for leaving: close connections, stop engines, tidy files.
-        for (_, h) in conns.drain() {
-            let _ = h.writes.try_send(WriteCmd::Close);
-        }
+        conns.close_all();
         for flag in cancels.values() {
             flag.cancel();
         }
-        drop(listeners);
+        conns.stop_listening();
         if infer_bound {
             let _ = socket::remove_socket_file(&infer_path);
         }
@@ -494,108 +436,71 @@ impl<R: Runtime> Driver<R> {
     }
 }
 
-/// Waits for the next event or the deadline (`None` when the deadline came first).
+/// What ended a wait.
+enum Woken {
+    /// An event came on a channel.
+    Event(Event),
+    /// The socket set has something to report.
+    Sockets,
+    /// Waiting for the socket set failed.
+    SocketsFailed(io::Error),
+    /// The deadline passed.
+    Deadline,
+}
+
+/// Waits for the next event, socket readiness or the deadline.
 async fn wait(
     rx: &Receiver<Event>,
     gen_rx: &Receiver<Event>,
+    ready: &mut dyn Readiness,
     sleeper: Option<&mut BoxFuture>,
-) -> Option<Event> {
-    let recv = futures_lite::future::or(async { rx.recv().await.ok() }, async {
-        gen_rx.recv().await.ok()
-    });
+) -> Woken {
+    use futures_lite::future::or;
+    let channels = or(async { rx.recv().await.ok() }, async { gen_rx.recv().await.ok() });
+    let events = or(
+        async {
+            match channels.await {
+                Some(ev) => Woken::Event(ev),
+                // Both senders live in this driver, so this cannot happen; treat it as a
+                // deadline rather than spin.
+                None => Woken::Deadline,
+            }
+        },
+        async {
+            match ready.readable().await {
+                Ok(()) => Woken::Sockets,
+                Err(e) => Woken::SocketsFailed(e),
+            }
+        },
+    );
     match sleeper {
-        None => recv.await,
+        None => events.await,
         Some(sleep) => {
-            futures_lite::future::or(recv, async {
+            or(events, async {
                 sleep.await;
-                None
+                Woken::Deadline
             })
             .await
         }
     }
 }
 
-fn bind_inference<R: Runtime>(
-    rt: &R,
-    ctx: &AcceptCtx,
+fn bind_inference(
+    conns: &mut Conns,
     path: &std::path::Path,
     group: Option<&str>,
     tcp: Option<&str>,
-) -> Result<Vec<AcceptGuard>, String> {
-    let mut guards = Vec::new();
+) -> Result<(), String> {
     let listener = socket::bind_unix_listener(path, 0o660).map_err(|e| e.to_string())?;
     if let Some(group) = group {
         socket::chown_group(path, group).map_err(|e| e.to_string())?;
     }
-    guards.push(
-        rt.listen_unix(listener, ListenerKind::Inference, ctx.clone())
-            .map_err(|e| format!("cannot serve {}: {e}", path.display()))?,
-    );
+    conns
+        .listen_unix(listener, ListenerKind::Inference)
+        .map_err(|e| format!("cannot serve {}: {e}", path.display()))?;
     if let Some(addr) = tcp {
         let listener = socket::bind_tcp_loopback(addr).map_err(|e| e.to_string())?;
-        guards.push(
-            rt.listen_tcp(listener, ctx.clone())
-                .map_err(|e| format!("cannot serve TCP {addr}: {e}"))?,
-        );
+        conns.listen_tcp(listener).map_err(|e| format!("cannot serve TCP {addr}: {e}"))?;
     }
-    Ok(guards)
-}
-
-/// How a connection's write ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriteOutcome {
-    /// Every byte was written: report [`Event::Flushed`].
-    Written,
-    /// The peer is gone: report [`Event::HungUp`].
-    Failed,
-    /// The driver closed the connection meanwhile: stop.
-    Closed,
-}
-
-/// Runs one write, giving up when the driver closes the connection meanwhile: a write
-/// stuck on a full socket (a client that never reads) must not keep a connection the
-/// daemon has dropped alive. While a write is in flight the only command that can come
-/// is the close, since the core has at most one `Send` per connection outstanding.
-pub async fn write_or_close<F>(write: F, commands: &Receiver<WriteCmd>) -> WriteOutcome
-where
-    F: Future<Output = io::Result<()>>,
-{
-    futures_lite::future::or(
-        async {
-            match write.await {
-                Ok(()) => WriteOutcome::Written,
-                Err(_) => WriteOutcome::Failed,
-            }
-        },
-        async {
-            let _ = commands.recv().await;
-            WriteOutcome::Closed
-        },
-    )
-    .await
-}
-
-/// Reads once from a non-blocking descriptor into a fresh buffer sized to what came.
-/// `Ok(None)` means the read would block.
-pub fn read_once(mut r: impl io::Read) -> io::Result<Option<Vec<u8>>> {
-    // The buffer lives on this stack frame only, not in any connection's future, so an
-    // idle connection holds no read buffer.
-    let mut buf = [0u8; 16 * 1024];
-    match r.read(&mut buf) {
-        Ok(n) => Ok(Some(buf[..n].to_vec())),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Reports the outcome of one read to the driver; returns false when the reader should stop.
-pub fn report_read(tasks: &ConnTasks, outcome: io::Result<Vec<u8>>) -> bool {
-    let conn = tasks.conn;
-    let (event, go_on) = match outcome {
-        Ok(bytes) if bytes.is_empty() => (Event::ReadClosed { conn }, true),
-        Ok(bytes) => (Event::Received { conn, bytes }, true),
-        Err(_) => (Event::HungUp { conn }, false),
-    };
-    tasks.events.try_send(event).is_ok() && go_on
+    Ok(())
 }

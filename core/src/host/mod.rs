@@ -1,9 +1,8 @@
 //! OS glue shared by the runtime shells: lock file, socket files and modes, peer
-//! credentials, runtime paths, the activity log sink, hang-up detection.
+//! credentials, runtime paths, the activity log sink, and the daemon's sockets in one epoll set.
 //!
 //! Only the shells use this module; the state machines of the core never import it.
 
-pub mod hangup;
 pub mod lock;
 pub mod logfile;
 pub mod paths;
@@ -12,6 +11,7 @@ pub mod socket;
 pub mod time;
 
 pub mod bridge;
+pub mod conns;
 pub mod driver;
 #[cfg(test)]
 mod testutil;
