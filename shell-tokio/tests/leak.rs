@@ -1,6 +1,6 @@
 //! Starting and stopping embedded daemons leaks no descriptors (the socket set's epoll
-//! instance and its registration with tokio go with the daemon). Alone in its test binary so the count is not disturbed
-//! by other tests.
+//! instance and its registration with tokio go with the daemon). Alone in its test
+//! binary so the count is not disturbed by other tests.
 
 mod common;
 
