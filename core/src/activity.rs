@@ -156,6 +156,37 @@ mod tests {
         assert_eq!(String::from_utf8(out).unwrap(), "2000-02-29T00:00:00.000Z");
     }
 
+    /// Every day from 1970 to past 2400 against a calendar counted one day at a time:
+    /// century years (1900-style non-leap 2100, 2200, 2300, leap 2400) and the last day
+    /// of a 400-year era are where the closed-form arithmetic can go wrong unnoticed.
+    #[test]
+    fn civil_dates_match_a_day_by_day_calendar() {
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let month_len = |y: i64, m: u32| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut y, mut m, mut d) = (1970i64, 1u32, 1u32);
+        for day in 0..(431 * 366) {
+            assert_eq!(civil_from_days(day), (y, m, d), "day {day}");
+            d += 1;
+            if d > month_len(y, m) {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
+        assert!(y > 2400);
+        let mut out = Vec::new();
+        write_rfc3339(&mut out, 13_574_649_599_999); // the last millisecond of 2400-02-29
+        assert_eq!(String::from_utf8(out).unwrap(), "2400-02-29T23:59:59.999Z");
+    }
+
     #[test]
     fn records_are_json_and_redacted() {
         let line = Record::new(0, Level::Info, "daemon", "request_done")

@@ -525,6 +525,10 @@ mod tests {
         let long = "x".repeat(100);
         let e = Settings::from_json(&format!(r#"{{"queue_depth":"{long}"}}"#)).unwrap_err();
         assert!(e.problem.ends_with('…') && e.problem.len() < 100, "{e}");
+        // Exactly 40 characters (38 and the quotes) is short enough to quote whole.
+        let edge = "y".repeat(38);
+        let e = Settings::from_json(&format!(r#"{{"queue_depth":"{edge}"}}"#)).unwrap_err();
+        assert!(e.problem.ends_with(&format!(r#"got "{edge}""#)), "{e}");
     }
 
     #[test]
