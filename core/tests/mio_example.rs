@@ -1,6 +1,9 @@
-//! Runs `examples/mio_embed.rs` (through `cargo run`, as integration tests cannot run
-//! examples directly): one request over its socket must get the echo and a `done`
-//! frame, and `--exit-after-requests 1` must make it drain and exit 0.
+//! Runs `examples/mio_embed.rs`: one request over its socket must get the echo and a
+//! `done` frame, and `--exit-after-requests 1` must make it drain and exit 0.
+//!
+//! `cargo test` builds the examples next to the test binaries, so the example is run
+//! from there; when it is missing (a `cargo test --test mio_example` that skipped
+//! examples) it goes through `cargo run`, which builds it first.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -18,6 +21,30 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The built example next to this test binary (`target/<profile>/examples/`) when it
+/// is at least as new as this binary and the example's source, else `cargo run`.
+fn example_command() -> Command {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let exe = std::env::current_exe().ok();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mio_embed.rs");
+    let built = exe
+        .as_deref()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("mio_embed")))
+        .filter(|p| {
+            let newest_input = mtime(exe.as_deref().unwrap_or(p)).max(mtime(&source));
+            mtime(p).is_some_and(|m| Some(m) >= newest_input)
+        });
+    match built {
+        Some(path) => Command::new(path),
+        None => {
+            let mut c = Command::new(env!("CARGO"));
+            c.current_dir(env!("CARGO_MANIFEST_DIR"));
+            c.args(["run", "--quiet", "-p", "inferd-core", "--example", "mio_embed", "--"]);
+            c
+        }
+    }
+}
+
 #[test]
 fn mio_example_serves_one_request_and_exits() {
     let dir = std::env::temp_dir().join(format!("inferd-mio-example-{}", std::process::id()));
@@ -27,9 +54,7 @@ fn mio_example_serves_one_request_and_exits() {
     let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
     let log = || std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
 
-    let child = Command::new(env!("CARGO"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--quiet", "-p", "inferd-core", "--example", "mio_embed", "--"])
+    let child = example_command()
         .arg("--socket")
         .arg(&socket)
         .args(["--exit-after-requests", "1"])
@@ -50,7 +75,17 @@ fn mio_example_serves_one_request_and_exits() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let mut stream = UnixStream::connect(&socket).unwrap();
+    // The file exists from bind(); until listen() a connect is refused.
+    let mut stream = loop {
+        match UnixStream::connect(&socket) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                assert!(Instant::now() < deadline, "the socket never listened:\n{}", log());
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("cannot connect to the example: {e}\n{}", log()),
+        }
+    };
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stream
         .write_all(
