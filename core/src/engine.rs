@@ -213,6 +213,34 @@ mod tests {
         assert!(b.is_cancelled());
     }
 
+    /// An engine that keeps every default: it must be handed to an engine thread, never
+    /// run on the event loop (a blocking engine there would stall every client).
+    #[test]
+    fn engines_run_on_threads_unless_they_say_otherwise() {
+        struct Blocking;
+        impl Engine for Blocking {
+            fn kind(&self) -> &str {
+                "blocking"
+            }
+            fn load(&self, _: &mut dyn FnMut(LoadPhase)) -> Result<Capabilities, EngineError> {
+                Ok(Capabilities::text_cpu())
+            }
+            fn generate(
+                &self,
+                _: &GenerateRequest,
+                _: &CancelFlag,
+                _: &mut dyn FnMut(&[u8]),
+            ) -> Result<Completion, EngineError> {
+                Err(EngineError::internal("not used"))
+            }
+        }
+        let request =
+            crate::wire::decode_request(br#"{"messages":[{"role":"user","content":"x"}]}"#)
+                .unwrap()
+                .params;
+        assert!(!Blocking.runs_inline(&request));
+    }
+
     #[test]
     fn phases_serialize_flat() {
         let v = serde_json::to_value(LoadPhase::KvCache { n_ctx: 512 }).unwrap();

@@ -43,11 +43,6 @@ impl LineDecoder {
         self.cap = cap;
     }
 
-    /// The cap in bytes.
-    pub fn cap(&self) -> usize {
-        self.cap
-    }
-
     /// Appends bytes read from the transport. Never keeps more than the cap (plus a CR)
     /// of an unfinished line: past that, the line is dropped and [`Line::TooLarge`]
     /// comes out once the lines before it are taken.
