@@ -902,6 +902,79 @@ fn long_ids_on_refused_lines_are_not_echoed() {
     h.line(conn, &format!(r#"{{"id":"{over}","messages":"x"}}"#));
     assert!(matches!(h.frames(conn).last(), Some(Frame::Error { id, .. }) if id.is_empty()));
     assert!(!h.is_open(conn));
+    // ... and kept at exactly the limit.
+    let conn = h.connect();
+    h.line(conn, &format!(r#"{{"id":"{max}","messages":"x"}}"#));
+    assert!(matches!(h.frames(conn).last(), Some(Frame::Error { id, .. }) if id == &max));
+    assert!(!h.is_open(conn));
+}
+
+#[test]
+fn bytes_from_an_admin_subscriber_are_ignored() {
+    let mut h = H::ready(cfg(&["m"]));
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let before = h.frames(admin).len();
+    // The admin socket only publishes; whatever a subscriber writes is not a request.
+    h.input(Input::Received { conn: admin, bytes: format!("{HI}\n").as_bytes() });
+    assert!(h.starts.is_empty());
+    assert_eq!(h.frames(admin).len(), before, "no error frame either");
+    assert!(h.is_open(admin));
+}
+
+#[test]
+fn a_zero_read_timeout_never_closes_a_slow_sender() {
+    let mut c = cfg(&["m"]);
+    c.read_timeout = Duration::ZERO;
+    let mut h = H::ready(c);
+    let slow = h.connect();
+    h.send(slow, "{\"id\":");
+    h.advance(Duration::from_secs(3600));
+    assert!(h.is_open(slow));
+    assert!(h.d.poll_timeout().is_none_or(|t| t > h.now + Duration::from_secs(60)));
+}
+
+/// The write-stall timer is armed at the first write and not moved by later ones; when
+/// it fires while a newer write is in flight, that write gets its full timeout.
+#[test]
+fn write_stall_counts_from_the_write_in_flight() {
+    let mut c = cfg(&["m"]);
+    c.write_timeout = Duration::from_secs(10);
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.line(conn, &req("w"));
+    let g = h.last_start();
+    h.token(g, b"read at once");
+    h.advance(Duration::from_secs(9));
+    // From here on the client stops reading: this write starts at 9 s.
+    h.stalled.insert(conn);
+    h.token(g, b"stuck");
+    h.advance(Duration::from_secs(2));
+    assert!(h.is_open(conn), "dropped 2 s into a write, by the timer of an earlier one");
+    h.advance(Duration::from_secs(8));
+    assert!(!h.is_open(conn), "dropped 10 s into the stuck write");
+    assert_eq!(h.cancels, vec![g]);
+}
+
+/// Likewise the read timer: armed for one partial line, it must not close the
+/// connection for a later partial line that has not had its full timeout yet.
+#[test]
+fn read_timeout_counts_from_the_current_partial_line() {
+    let mut c = cfg(&["m"]);
+    c.read_timeout = Duration::from_secs(5);
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.send(conn, "{\"id\":\"a\",");
+    h.advance(Duration::from_secs(3));
+    // The line completes (an invalid request: an error frame, the connection stays
+    // open); a new partial line starts at 4 s.
+    h.send(conn, "\"messages\":[]}\n");
+    assert_eq!(h.error_code(conn), Some(ErrorCode::InvalidRequest));
+    h.advance(Duration::from_secs(1));
+    h.send(conn, "{\"id\":");
+    h.advance(Duration::from_secs(2));
+    assert!(h.is_open(conn), "closed 2 s into a partial line");
+    h.advance(Duration::from_secs(3));
+    assert!(!h.is_open(conn), "closed 5 s into the partial line");
 }
 
 #[test]
