@@ -997,3 +997,87 @@ fn accessors_follow_the_lifecycle() {
     assert_eq!(h.d.connections_open(), 0);
     assert!(!h.is_open(admin));
 }
+
+/// A piece that fits the cap leaves as one token frame, even behind a backlog and even
+/// when its frame is exactly the cap; one that does not is cut in halves, not in
+/// single characters.
+#[test]
+fn token_pieces_are_split_only_when_needed_and_in_halves() {
+    let cap = 1024;
+    let mut c = cfg(&["m"]);
+    c.max_frame_bytes = cap;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.line(conn, &req("t"));
+    let g = h.last_start();
+    // The first write sticks (the harness drops a stalled write's bytes); the frames
+    // behind it pile up in the connection's backlog.
+    h.stalled.insert(conn);
+    h.token(g, b"in flight");
+    // A piece whose frame (without its LF) is exactly `cap` bytes.
+    let overhead = {
+        let mut f = Vec::new();
+        wire::encode_token(&mut f, "t", "");
+        f.len() - 1
+    };
+    let exact = "e".repeat(cap - overhead);
+    for piece in ["a".repeat(500), "b".repeat(500), exact.clone(), "c".repeat(500)] {
+        h.token(g, piece.as_bytes());
+    }
+    h.token(g, "z".repeat(3000).as_bytes());
+    h.done(g, StopReason::End, 6);
+    h.stalled.remove(&conn);
+    h.input(Input::Flushed { conn });
+    let tokens: Vec<String> = h
+        .frames(conn)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Token { content, .. } => Some(content),
+            _ => None,
+        })
+        .collect();
+    assert!(h.out[&conn].split(|&b| b == b'\n').all(|l| l.len() <= cap));
+    let sizes: Vec<usize> = tokens.iter().map(String::len).collect();
+    assert_eq!(sizes, [500, 500, exact.len(), 500, 750, 750, 750, 750]);
+}
+
+/// A `done` frame of exactly the cap goes out, even behind a backlog; one byte more
+/// becomes an error.
+#[test]
+fn done_at_exactly_the_cap_is_sent() {
+    let cap = 1024;
+    // The frames of one non-streamed request whose content is `len` bytes, answered
+    // behind two error frames waiting on a stuck write.
+    let run = |len: usize| {
+        let mut c = cfg(&["m"]);
+        c.max_frame_bytes = cap;
+        let mut h = H::ready(c);
+        let conn = h.connect();
+        h.stalled.insert(conn);
+        h.line(conn, r#"{"id":"x","messages":[]}"#);
+        h.line(conn, r#"{"id":"y","messages":[]}"#);
+        h.line(conn, r#"{"id":"d","stream":false,"messages":[{"role":"user","content":"x"}]}"#);
+        let g = h.last_start();
+        h.token(g, "c".repeat(len).as_bytes());
+        h.done(g, StopReason::End, 1);
+        h.stalled.remove(&conn);
+        h.input(Input::Flushed { conn });
+        let last = h.out[&conn].split(|&b| b == b'\n').rfind(|l| !l.is_empty()).map(<[u8]>::len);
+        (h.frames(conn).pop(), last)
+    };
+    let overhead = match run(0) {
+        (Some(Frame::Done { .. }), Some(n)) => n,
+        other => panic!("{other:?}"),
+    };
+    match run(cap - overhead) {
+        (Some(Frame::Done { content, .. }), Some(n)) => {
+            assert_eq!(n, cap);
+            assert_eq!(content.len(), cap - overhead);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        run(cap - overhead + 1).0,
+        Some(Frame::Error { code: ErrorCode::BackendUnavailable, .. })
+    ));
+}
