@@ -1377,14 +1377,10 @@ fn encode_token_capped(out: &mut Vec<u8>, id: &str, piece: &str, cap: usize) {
         return;
     }
     out.truncate(mark);
-    let mut mid = piece.len() / 2;
-    while mid > 0 && !piece.is_char_boundary(mid) {
-        mid -= 1;
-    }
-    if mid == 0 {
-        // At least two characters: the second one starts strictly inside.
-        mid = piece.char_indices().nth(1).map_or(piece.len(), |(i, _)| i);
-    }
+    // The character boundary at or before the middle, but never before the end of the
+    // first character: the piece has at least two, so both halves are non-empty.
+    let first = piece.chars().next().map_or(0, char::len_utf8);
+    let mid = piece.floor_char_boundary(piece.len() / 2).max(first);
     encode_token_capped(out, id, &piece[..mid], cap);
     encode_token_capped(out, id, &piece[mid..], cap);
 }

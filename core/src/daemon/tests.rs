@@ -1025,7 +1025,9 @@ fn token_pieces_are_split_only_when_needed_and_in_halves() {
         h.token(g, piece.as_bytes());
     }
     h.token(g, "z".repeat(3000).as_bytes());
-    h.done(g, StopReason::End, 6);
+    // Two-byte characters, 3002 bytes: each half is moved back to a character boundary.
+    h.token(g, "é".repeat(1501).as_bytes());
+    h.done(g, StopReason::End, 7);
     h.stalled.remove(&conn);
     h.input(Input::Flushed { conn });
     let tokens: Vec<String> = h
@@ -1038,7 +1040,7 @@ fn token_pieces_are_split_only_when_needed_and_in_halves() {
         .collect();
     assert!(h.out[&conn].split(|&b| b == b'\n').all(|l| l.len() <= cap));
     let sizes: Vec<usize> = tokens.iter().map(String::len).collect();
-    assert_eq!(sizes, [500, 500, exact.len(), 500, 750, 750, 750, 750]);
+    assert_eq!(sizes, [500, 500, exact.len(), 500, 750, 750, 750, 750, 750, 750, 750, 752]);
 }
 
 /// A `done` frame of exactly the cap goes out, even behind a backlog; one byte more
