@@ -1083,3 +1083,66 @@ fn done_at_exactly_the_cap_is_sent() {
         Some(Frame::Error { code: ErrorCode::BackendUnavailable, .. })
     ));
 }
+
+#[test]
+fn ready_timeout_names_the_backends_still_loading() {
+    let mut c = cfg(&["quick", "slow"]);
+    c.ready_timeout = Duration::from_secs(30);
+    let mut h = H::new(c);
+    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.advance(Duration::from_secs(30));
+    let (code, message) = h.exit.clone().expect("exited");
+    assert_eq!(code, 1);
+    assert!(message.contains("slow") && !message.contains("quick"), "{message}");
+}
+
+/// A subscriber that shuts down its write side still wants events.
+#[test]
+fn half_closed_admin_subscribers_keep_their_events() {
+    let mut h = H::ready(cfg(&["m"]));
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    h.input(Input::ReadClosed { conn: admin });
+    assert!(h.is_open(admin));
+    let c = h.connect();
+    h.line(c, &req("a"));
+    h.advance(Duration::from_secs(1));
+    assert!(h.raw_lines(admin).iter().any(|v| v["status"] == "stats"));
+}
+
+/// A connection closing after an error frame is not read any more while the frame
+/// is still being written.
+#[test]
+fn a_closing_connection_is_not_read() {
+    let mut c = cfg(&["m"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.stalled.insert(conn);
+    h.send(conn, &"x".repeat(2000));
+    assert!(h.is_open(conn), "the error frame is still in flight");
+    assert!(!h.credits.contains(&conn), "asked to read a connection it is closing");
+}
+
+/// The stats timer runs only while a subscriber listens, and at most once per
+/// interval however often things change.
+#[test]
+fn stats_are_timed_only_for_subscribers_and_once_per_interval() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    for i in 0..3 {
+        h.line(c, &req(&format!("r{i}")));
+        let g = h.last_start();
+        h.done(g, StopReason::End, 0);
+    }
+    // No subscriber: nothing to wake up for within the stats interval.
+    assert!(h.d.poll_timeout().is_none_or(|t| t > h.now + Duration::from_secs(2)));
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    for i in 0..40 {
+        h.line(c, &req(&format!("s{i}")));
+        let g = h.last_start();
+        h.done(g, StopReason::End, 0);
+        h.advance(Duration::from_millis(250));
+    }
+    let n = h.raw_lines(admin).iter().filter(|v| v["status"] == "stats").count();
+    assert!((9..=11).contains(&n), "{n} stats events in 10 s at a 1 s interval");
+}
