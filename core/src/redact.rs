@@ -293,6 +293,78 @@ mod tests {
     }
 
     #[test]
+    fn provider_keys_at_their_minimum_length() {
+        for (prefix, body, min) in [
+            ("sk-", "a", 16),
+            ("sk_live_", "a", 16),
+            ("rk_live_", "a", 16),
+            ("xoxb-", "1", 10),
+            ("github_pat_", "a", 20),
+            ("ghp_", "a", 20),
+            ("gho_", "a", 20),
+            ("AKIA", "A", 16),
+            ("ASIA", "7", 16),
+            ("AIza", "a", 30),
+            ("glpat-", "a", 16),
+        ] {
+            let at = format!("{prefix}{}", body.repeat(min));
+            assert_eq!(r(&format!("k {at} ok")), "k [REDACTED] ok", "{at}");
+            let short = format!("{prefix}{}", body.repeat(min - 1));
+            assert_eq!(r(&format!("k {short} ok")), format!("k {short} ok"), "{short}");
+        }
+        // Only at a word boundary ('.', '-', '_' and alphanumerics join words).
+        for joined in ["tasksk-aaaaaaaaaaaaaaaaaaaa", "a.sk-aaaaaaaaaaaaaaaaaaaa"] {
+            assert_eq!(r(joined), joined);
+        }
+        // Prefixes cut off by the end of the text.
+        for cut in ["see xoxb", "use gho", "xox", "gh"] {
+            assert_eq!(r(cut), cut);
+        }
+    }
+
+    #[test]
+    fn jwt_shapes() {
+        let masked = |s: &str| r(&format!("t {s}")) == "t [REDACTED]";
+        assert!(masked("eyJabcdefgh.eyJabcdefgh.sig"));
+        // At the end of the text, with an empty signature, exactly 20 bytes.
+        assert!(masked("eyJaaaaaaa.eyJaaaaa."));
+        assert_eq!("eyJaaaaaaa.eyJaaaaa.".len(), 20);
+        assert!(!masked("eyJaaaaaa.eyJaaaaa."), "19 bytes");
+        assert!(!masked("eyJabcdefghijklmnopqr..sig"), "empty second segment");
+        assert!(!masked("eyJabcdefghijklmnopqrstu"), "one segment");
+        assert!(!masked("eyJabcdefghijklmnopq.eyJabc"), "two segments");
+    }
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(r("Bearer   abcdefghij x"), "Bearer   [REDACTED] x");
+        assert_eq!(r("bearer abcdefgh"), "bearer [REDACTED]");
+        assert_eq!(r("bearer abcdefg"), "bearer abcdefg", "7 characters is not a credential");
+    }
+
+    #[test]
+    fn key_values_at_the_edges_of_the_text() {
+        for same in [
+            "=abc",
+            " : x",
+            "\"=x",
+            "password=",
+            "password=   ",
+            "password=\\",
+            r#"password="""#,
+            "password=''",
+        ] {
+            assert_eq!(r(same), same);
+        }
+        assert_eq!(r("password=a"), "password=[REDACTED]");
+        assert_eq!(r(r#"password=a"b"#), r#"password=[REDACTED]"b"#);
+        assert_eq!(r("password='abc"), "password='[REDACTED]", "unterminated quote");
+        assert_eq!(r(r#"{\"password\":\"abc"#), r#"{\"password\":\"[REDACTED]"#);
+        // An escaped JSON value ends at the escaped quote, not at another backslash.
+        assert_eq!(r(r#"{\"password\":\"a\nb\"}"#), r#"{\"password\":\"[REDACTED]\"}"#);
+    }
+
+    #[test]
     fn non_ascii_survives() {
         assert_eq!(r("héllo password=ñañ wörld"), "héllo password=[REDACTED] wörld");
     }
