@@ -166,6 +166,50 @@ mod tests {
     }
 
     #[test]
+    fn has_complete_line_tracks_lines_and_the_pending_overflow() {
+        let mut d = LineDecoder::new(8);
+        assert!(!d.has_complete_line());
+        d.push(b"abc");
+        assert!(!d.has_complete_line());
+        d.push(b"\n");
+        assert!(d.has_complete_line());
+        assert_eq!(d.next_line(), Some(Line::Complete(b"abc")));
+        assert!(!d.has_complete_line());
+        d.push(b"ok\n0123456789");
+        assert!(d.has_complete_line());
+        assert_eq!(d.next_line(), Some(Line::Complete(b"ok")));
+        // What is left to hand out is the overflow.
+        assert!(d.has_complete_line());
+        assert_eq!(d.next_line(), Some(Line::TooLarge));
+    }
+
+    /// Taken lines do not pile up, and the memory of a past large line is given back,
+    /// while a moderate buffer is kept rather than reallocated over and over.
+    #[test]
+    fn memory_follows_what_is_buffered() {
+        let mut d = LineDecoder::new(1 << 20);
+        for _ in 0..1000 {
+            d.push(&[b'x'; 99]);
+            d.push(b"\n");
+            assert!(matches!(d.next_line(), Some(Line::Complete(_))));
+        }
+        assert!(d.buf.len() <= 200, "{} bytes held for nothing", d.buf.len());
+        let big = vec![b'y'; 512 * 1024];
+        d.push(&big);
+        d.push(b"\n");
+        assert!(matches!(d.next_line(), Some(Line::Complete(_))));
+        d.push(b"small");
+        assert!(d.buf.capacity() <= 64 * 1024, "capacity {}", d.buf.capacity());
+        let mut d = LineDecoder::new(1 << 20);
+        d.push(&[b'z'; 20 * 1024]);
+        d.push(b"\n");
+        assert!(matches!(d.next_line(), Some(Line::Complete(_))));
+        let kept = d.buf.capacity();
+        d.push(b"small");
+        assert_eq!(d.buf.capacity(), kept, "a 20 KiB buffer is kept");
+    }
+
+    #[test]
     fn splits_lines_across_chunks() {
         let mut d = LineDecoder::new(100);
         d.push(b"ab");
