@@ -225,7 +225,9 @@ mod tests {
 
     #[test]
     fn priority_order_and_readiness() {
+        assert!(Router::new(0, BreakerPolicy::default()).is_empty());
         let mut r = Router::new(2, BreakerPolicy::default());
+        assert_eq!((r.len(), r.is_empty()), (2, false));
         assert_eq!(r.route(t(0)), None);
         r.set_ready(1, true);
         assert_eq!(r.route(t(0)), Some(Route { backend: 1, trial: false }));
