@@ -228,6 +228,7 @@ mod tests {
         assert!(Router::new(0, BreakerPolicy::default()).is_empty());
         let mut r = Router::new(2, BreakerPolicy::default());
         assert_eq!((r.len(), r.is_empty()), (2, false));
+        assert!(!r.all_ready());
         assert_eq!(r.route(t(0)), None);
         r.set_ready(1, true);
         assert_eq!(r.route(t(0)), Some(Route { backend: 1, trial: false }));
@@ -248,6 +249,9 @@ mod tests {
         assert_eq!(r.route(t(21)), Some(Route { backend: 1, trial: false }));
         assert_eq!(r.next_cooldown_end(t(21)), Some(t(50)));
         assert_eq!(r.next_cooldown_end(t(50)), None);
+        // The cooldown is over at its end, not one tick later.
+        assert_eq!(r.breaker_state(0, t(49)), BreakerState::Open);
+        assert_eq!(r.breaker_state(0, t(50)), BreakerState::HalfOpen);
     }
 
     #[test]

@@ -742,6 +742,35 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn strings_use_the_short_escapes() {
+        let mut out = Vec::new();
+        write_json_str(&mut out, "\"\\\n\r\t\u{8}\u{c}\u{1}\u{1f}é");
+        assert_eq!(String::from_utf8(out).unwrap(), r#""\"\\\n\r\t\b\f\u0001\u001fé""#);
+    }
+
+    #[test]
+    fn roles_and_terminal_frames() {
+        let names = [Role::System, Role::User, Role::Assistant].map(Role::as_str);
+        assert_eq!(names, ["system", "user", "assistant"]);
+        let token = Frame::Token { id: "a".into(), content: "x".into() };
+        let error = Frame::Error { id: "a".into(), code: ErrorCode::Internal, message: "m".into() };
+        assert!(!token.is_terminal() && error.is_terminal());
+    }
+
+    #[test]
+    fn grammar_alternatives_up_to_the_limit() {
+        let line = |n: usize| {
+            let g = "a|".repeat(n);
+            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"grammar":"{g}"}}"#)
+        };
+        assert!(decode_request(line(MAX_GRAMMAR_ALTERNATIVES).as_bytes()).is_ok());
+        assert!(matches!(
+            decode_request(line(MAX_GRAMMAR_ALTERNATIVES + 1).as_bytes()),
+            Err(DecodeError::Invalid { .. })
+        ));
+    }
+
     fn ok(line: &str) -> Request {
         decode_request(line.as_bytes()).unwrap()
     }
