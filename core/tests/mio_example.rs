@@ -22,18 +22,27 @@ impl Drop for KillOnDrop {
 }
 
 /// The built example next to this test binary (`target/<profile>/examples/`) when it
-/// is at least as new as this binary and the example's source, else `cargo run`.
+/// is at least as new as the core library and its own source, else `cargo run`.
 fn example_command() -> Command {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let exe = std::env::current_exe().ok();
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mio_embed.rs");
-    let built = exe
+    let deps = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.to_path_buf()));
+    // The newest build of the core library: an example older than it is stale.
+    let newest_lib = deps.as_deref().and_then(|d| {
+        std::fs::read_dir(d)
+            .ok()?
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("libinferd_core-") && name.ends_with(".rlib")
+            })
+            .filter_map(|e| mtime(&e.path()))
+            .max()
+    });
+    let built = deps
         .as_deref()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("mio_embed")))
-        .filter(|p| {
-            let newest_input = mtime(exe.as_deref().unwrap_or(p)).max(mtime(&source));
-            mtime(p).is_some_and(|m| Some(m) >= newest_input)
-        });
+        .and_then(|d| Some(d.parent()?.join("examples").join("mio_embed")))
+        .filter(|p| mtime(p).is_some_and(|m| Some(m) >= newest_lib.max(mtime(&source))));
     match built {
         Some(path) => Command::new(path),
         None => {
