@@ -213,6 +213,7 @@ mod tests {
     fn splits_lines_across_chunks() {
         let mut d = LineDecoder::new(100);
         d.push(b"ab");
+        assert_eq!(d.buffered(), 2);
         assert!(lines(&mut d).is_empty());
         assert!(d.has_partial());
         d.push(b"c\nde");
