@@ -184,7 +184,7 @@ impl Conns {
     /// What happened is appended to `out`. Returns true when the set was drained (the
     /// epoll descriptor is no longer readable unless something new happened since).
     pub fn poll(&mut self, now: Time, out: &mut VecDeque<Event>) -> io::Result<bool> {
-        self.wake_rested(now)?;
+        self.wake_rested(now);
         // On the stack: rustix's event holds a pointer variant, which would make the set
         // (and the driver future holding it) not `Send`.
         let mut buf = [const { MaybeUninit::<epoll::Event>::uninit() }; EPOLL_BATCH];
@@ -210,7 +210,7 @@ impl Conns {
     }
 
     /// Re-arms listeners whose rest is over.
-    fn wake_rested(&mut self, now: Time) -> io::Result<()> {
+    fn wake_rested(&mut self, now: Time) {
         let mut i = 0;
         while i < self.resting.len() {
             let (index, until) = self.resting[i];
@@ -221,10 +221,14 @@ impl Conns {
             self.resting.swap_remove(i);
             if let Some(Some(l)) = self.listeners.get(index) {
                 let token = LISTENER_TAG | index as u64;
-                epoll::modify(&self.epoll, l.fd(), EventData::new_u64(token), EventFlags::IN)?;
+                if epoll::modify(&self.epoll, l.fd(), EventData::new_u64(token), EventFlags::IN)
+                    .is_err()
+                {
+                    // Not re-armed: rest again rather than stop accepting for good.
+                    self.resting.push((index, now + ACCEPT_BACKOFF));
+                }
             }
         }
-        Ok(())
     }
 
     fn accept_from(&mut self, index: usize, now: Time, out: &mut VecDeque<Event>) {
