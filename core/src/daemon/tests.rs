@@ -1146,3 +1146,18 @@ fn stats_are_timed_only_for_subscribers_and_once_per_interval() {
     let n = h.raw_lines(admin).iter().filter(|v| v["status"] == "stats").count();
     assert!((9..=11).contains(&n), "{n} stats events in 10 s at a 1 s interval");
 }
+
+#[test]
+fn a_zero_write_timeout_never_drops_a_slow_reader() {
+    let mut c = cfg(&["m"]);
+    c.write_timeout = Duration::ZERO;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.stalled.insert(conn);
+    h.line(conn, &req("z"));
+    let g = h.last_start();
+    h.token(g, b"never read");
+    h.advance(Duration::from_secs(3600));
+    assert!(h.is_open(conn));
+    assert!(h.cancels.is_empty());
+}
