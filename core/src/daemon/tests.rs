@@ -152,6 +152,17 @@ impl H {
             .unwrap_or_default()
     }
 
+    /// The contents of the token frames sent to `conn`, in order.
+    fn token_contents(&self, conn: ConnId) -> Vec<String> {
+        self.frames(conn)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Token { content, .. } => Some(content),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn raw_lines(&self, conn: ConnId) -> Vec<serde_json::Value> {
         self.out
             .get(&conn)
@@ -868,14 +879,7 @@ fn frames_stay_under_the_cap_whatever_the_id_and_tokens() {
     h.done(g, StopReason::End, 2);
     let raw = &h.out[&conn];
     assert!(raw.split(|&b| b == b'\n').all(|l| l.len() <= 1024));
-    let tokens: String = h
-        .frames(conn)
-        .into_iter()
-        .filter_map(|f| match f {
-            Frame::Token { content, .. } => Some(content),
-            _ => None,
-        })
-        .collect();
+    let tokens: String = h.token_contents(conn).concat();
     assert_eq!(tokens, format!("{piece}a🦀"));
 }
 
@@ -1030,14 +1034,7 @@ fn token_pieces_are_split_only_when_needed_and_in_halves() {
     h.done(g, StopReason::End, 7);
     h.stalled.remove(&conn);
     h.input(Input::Flushed { conn });
-    let tokens: Vec<String> = h
-        .frames(conn)
-        .into_iter()
-        .filter_map(|f| match f {
-            Frame::Token { content, .. } => Some(content),
-            _ => None,
-        })
-        .collect();
+    let tokens = h.token_contents(conn);
     assert!(h.out[&conn].split(|&b| b == b'\n').all(|l| l.len() <= cap));
     let sizes: Vec<usize> = tokens.iter().map(String::len).collect();
     assert_eq!(sizes, [500, 500, exact.len(), 500, 750, 750, 750, 750, 750, 750, 750, 752]);
