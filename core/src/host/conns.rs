@@ -26,8 +26,8 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
-use crate::daemon::{ConnId, ListenerKind, Peer};
-use crate::host::driver::{Event, tcp_peer, unix_peer};
+use crate::daemon::{ConnId, ListenerKind, Peer, Transport};
+use crate::host::driver::Event;
 use crate::time::Time;
 
 /// Readiness events taken from the kernel per `epoll_wait`.
@@ -76,9 +76,26 @@ impl Listener {
                 stream.set_nonblocking(true)?;
                 // Frames are whole lines written at once; Nagle would only delay them.
                 let _ = stream.set_nodelay(true);
-                Ok((stream.into(), ListenerKind::Inference, tcp_peer(Some(addr))))
+                let peer = Peer {
+                    transport: Transport::Tcp,
+                    addr: addr.to_string(),
+                    uid: None,
+                    pid: None,
+                };
+                Ok((stream.into(), ListenerKind::Inference, peer))
             }
         }
+    }
+}
+
+/// The peer of a Unix connection, from SO_PEERCRED.
+fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> Peer {
+    let creds = crate::host::peer::peer_credentials(fd);
+    Peer {
+        transport: Transport::Unix,
+        addr: "unix".into(),
+        uid: creds.map(|c| c.0),
+        pid: creds.map(|c| c.1),
     }
 }
 
@@ -162,16 +179,6 @@ impl Conns {
         // Closing a descriptor removes it from the epoll set.
         self.listeners.iter_mut().for_each(|l| *l = None);
         self.resting.clear();
-    }
-
-    /// The number of open connections.
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// True when no connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
     }
 
     /// When a resting listener should be tried again, if one is resting.
@@ -533,7 +540,7 @@ mod tests {
         assert!(poll(&mut set).is_empty());
         assert!(read_now(&mut set, b_id).is_empty());
         set.close(b_id);
-        assert_eq!(set.len(), 2);
+        assert_eq!(set.conns.len(), 2);
         drop((a, c));
     }
 
@@ -570,7 +577,7 @@ mod tests {
         set.send(conn, big, &mut out);
         assert!(out.is_empty());
         set.close(conn);
-        assert!(set.is_empty());
+        assert!(set.conns.is_empty());
         drop(client);
     }
 
@@ -635,13 +642,13 @@ mod tests {
             polls += 1;
             assert!(polls <= 10, "accepted {accepted} of {count}");
         }
-        assert_eq!(set.len(), count);
+        assert_eq!(set.conns.len(), count);
         assert!(polls >= 3);
         set.stop_listening();
         // The listener is closed: its socket file refuses connections.
         assert!(UnixStream::connect(&path).is_err());
         set.close_all();
-        assert!(set.is_empty());
+        assert!(set.conns.is_empty());
         drop(clients);
     }
 }

@@ -99,27 +99,6 @@ pub enum Event {
     Shutdown,
 }
 
-/// The peer of a Unix connection, from SO_PEERCRED.
-pub fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> Peer {
-    let creds = crate::host::peer::peer_credentials(fd);
-    Peer {
-        transport: crate::daemon::Transport::Unix,
-        addr: "unix".into(),
-        uid: creds.map(|c| c.0),
-        pid: creds.map(|c| c.1),
-    }
-}
-
-/// The peer of a TCP connection.
-pub fn tcp_peer(addr: Option<std::net::SocketAddr>) -> Peer {
-    Peer {
-        transport: crate::daemon::Transport::Tcp,
-        addr: addr.map_or_else(|| "tcp".into(), |a| a.to_string()),
-        uid: None,
-        pid: None,
-    }
-}
-
 /// A descriptor a runtime watches for the driver (see [`Runtime::readiness`]).
 pub trait Readiness: Send {
     /// Completes when the descriptor may have become readable since the previous call
