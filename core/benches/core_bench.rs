@@ -86,10 +86,10 @@ fn ready_daemon(clock: &mut Clock) -> (Daemon, Sink, ConnId) {
 }
 
 fn done(tokens: u32) -> EngineEvent {
-    EngineEvent::Done(Completion {
-        usage: Usage { prompt_tokens: 5, completion_tokens: tokens },
-        stop_reason: StopReason::End,
-    })
+    EngineEvent::Done(Completion::new(
+        Usage { prompt_tokens: 5, completion_tokens: tokens },
+        StopReason::End,
+    ))
 }
 
 /// Starts one request on `conn`; returns its generation.

@@ -84,6 +84,12 @@ pub struct StatsEvent<'a> {
     pub served: u64,
     /// Requests refused with `queue_full`.
     pub rejected: u64,
+    /// Running total of prompt tokens of served requests.
+    pub prompt_tokens: u64,
+    /// Of those, tokens reused from an engine's prompt cache.
+    pub prompt_cached_tokens: u64,
+    /// Running total of completion tokens of served requests.
+    pub completion_tokens: u64,
     /// Breaker state per backend name.
     pub breakers: Vec<(&'a str, &'static str)>,
 }
@@ -93,8 +99,15 @@ pub fn encode_stats(out: &mut Vec<u8>, s: &StatsEvent<'_>) {
     use std::io::Write;
     let _ = write!(
         out,
-        "{{\"id\":\"admin\",\"type\":\"status\",\"status\":\"stats\",\"queued\":{},\"active\":{},\"connections\":{},\"served\":{},\"rejected\":{},\"breakers\":{{",
-        s.queued, s.active, s.connections, s.served, s.rejected
+        "{{\"id\":\"admin\",\"type\":\"status\",\"status\":\"stats\",\"queued\":{},\"active\":{},\"connections\":{},\"served\":{},\"rejected\":{},\"prompt_tokens\":{},\"prompt_cached_tokens\":{},\"completion_tokens\":{},\"breakers\":{{",
+        s.queued,
+        s.active,
+        s.connections,
+        s.served,
+        s.rejected,
+        s.prompt_tokens,
+        s.prompt_cached_tokens,
+        s.completion_tokens
     );
     for (i, (name, state)) in s.breakers.iter().enumerate() {
         if i > 0 {
@@ -143,6 +156,14 @@ mod tests {
         assert_eq!(v["backend"], "mock");
         assert_eq!(v["accelerator"], "cpu");
         assert_eq!(v["vision"], false);
+        assert!(v.get("n_parallel").is_none(), "absent, never null");
+        out.clear();
+        caps.n_parallel = Some(4);
+        caps.n_ctx = Some(512);
+        encode_capabilities(&mut out, &caps);
+        let v = parse(&out);
+        assert_eq!(v["n_parallel"], 4);
+        assert_eq!(v["n_ctx"], 512);
         out.clear();
         encode_stats(
             &mut out,
@@ -152,6 +173,9 @@ mod tests {
                 connections: 3,
                 served: 4,
                 rejected: 5,
+                prompt_tokens: 6,
+                prompt_cached_tokens: 7,
+                completion_tokens: 8,
                 breakers: vec![("a", "open"), ("b", "closed")],
             },
         );
@@ -160,5 +184,8 @@ mod tests {
         assert_eq!(v["breakers"]["a"], "open");
         assert_eq!(v["breakers"]["b"], "closed");
         assert_eq!(v["served"], 4);
+        assert_eq!(v["prompt_tokens"], 6);
+        assert_eq!(v["prompt_cached_tokens"], 7);
+        assert_eq!(v["completion_tokens"], 8);
     }
 }

@@ -9,13 +9,15 @@ use crate::activity::{Level, Record, WallClock};
 use crate::admin::{self, AdminState, StatsEvent};
 use crate::admission::{Admission, Admit};
 use crate::config::DaemonConfig;
-use crate::engine::{Capabilities, EngineError, EngineErrorKind, EngineEvent, LoadPhase};
+use crate::engine::{
+    Capabilities, Completion, EngineError, EngineErrorKind, EngineEvent, LoadPhase,
+};
 use crate::framing::{Line, LineDecoder};
 use crate::router::{Outcome, Route, Router};
 use crate::time::Time;
 use crate::utf8::Utf8Assembler;
 use crate::wire::{
-    self, AuthLine, DoneFrame, ErrorCode, GenerateRequest, Request, StopReason, Timings, Usage,
+    self, AuthLine, DoneFrame, ErrorCode, GenerateRequest, Request, StopReason, Timings,
 };
 
 /// A connection, named by the shell when it accepts it (unique for the daemon's life).
@@ -206,6 +208,12 @@ pub struct Stats {
     pub served: u64,
     /// Requests refused with `queue_full`.
     pub rejected: u64,
+    /// Prompt tokens of the requests that ended with `done`.
+    pub prompt_tokens: u64,
+    /// Of those, the tokens an engine reused from its cache instead of computing them.
+    pub prompt_cached_tokens: u64,
+    /// Completion tokens of the requests that ended with `done`.
+    pub completion_tokens: u64,
 }
 
 /// Hashes the daemon's own sequential ids with one multiply: SipHash's protection
@@ -371,6 +379,10 @@ pub struct Daemon {
     stats_dirty: bool,
     stats_timer: bool,
     served: u64,
+    /// Running totals over requests that ended with `done`, for the stats event.
+    prompt_tokens_total: u64,
+    prompt_cached_total: u64,
+    completion_tokens_total: u64,
     exit_requested: bool,
 }
 
@@ -403,6 +415,9 @@ impl Daemon {
             stats_dirty: false,
             stats_timer: false,
             served: 0,
+            prompt_tokens_total: 0,
+            prompt_cached_total: 0,
+            completion_tokens_total: 0,
             exit_requested: false,
             cfg,
         };
@@ -497,6 +512,9 @@ impl Daemon {
             connections: self.inference_conns,
             served: self.served,
             rejected: c.rejected,
+            prompt_tokens: self.prompt_tokens_total,
+            prompt_cached_tokens: self.prompt_cached_total,
+            completion_tokens: self.completion_tokens_total,
         }
     }
 
@@ -988,10 +1006,8 @@ impl Daemon {
                     }
                 }
             }
-            EngineEvent::Done(done) => {
-                self.finish_gen(generation, conn, Ok(done.usage), done.stop_reason)
-            }
-            EngineEvent::Failed(e) => self.finish_gen(generation, conn, Err(e), StopReason::Error),
+            EngineEvent::Done(done) => self.finish_gen(generation, conn, Ok(done)),
+            EngineEvent::Failed(e) => self.finish_gen(generation, conn, Err(e)),
         }
     }
 
@@ -999,8 +1015,7 @@ impl Daemon {
         &mut self,
         generation: GenId,
         conn: ConnId,
-        result: Result<Usage, EngineError>,
-        stop_reason: StopReason,
+        result: Result<Completion, EngineError>,
     ) {
         let Some(mut g) = self.gens.remove(&generation) else { return };
         let now = self.now;
@@ -1020,7 +1035,7 @@ impl Daemon {
             encode_token_capped(&mut c.out, &g.req_id, &g.content[start..], cap);
         }
         let outcome = match result {
-            Ok(usage) => {
+            Ok(Completion { usage, stop_reason, prompt_cached_tokens }) => {
                 let mark = c.out.len();
                 wire::encode_done(
                     &mut c.out,
@@ -1039,12 +1054,16 @@ impl Daemon {
                     wire::encode_error(&mut c.out, &g.req_id, ErrorCode::BackendUnavailable, &msg);
                 }
                 self.served += 1;
+                self.prompt_tokens_total += u64::from(usage.prompt_tokens);
+                self.prompt_cached_total += u64::from(prompt_cached_tokens);
+                self.completion_tokens_total += u64::from(usage.completion_tokens);
                 let rec = self
                     .record(Level::Info, "request_done")
                     .str("req_id", &g.req_id)
                     .str("backend", &backend)
                     .str("stop_reason", stop_reason.as_str())
                     .num("prompt_tokens", usage.prompt_tokens.into())
+                    .num("prompt_cached_tokens", prompt_cached_tokens.into())
                     .num("completion_tokens", usage.completion_tokens.into())
                     .num("queued_ms", timings.queued_ms)
                     .num("ttft_ms", timings.ttft_ms)
@@ -1055,6 +1074,8 @@ impl Daemon {
             Err(e) => {
                 let mid_stream = g.tokens_sent > 0;
                 let code = match (mid_stream, e.kind) {
+                    // The client's fault whenever the engine found it (spec §2).
+                    (_, EngineErrorKind::InvalidRequest) => ErrorCode::InvalidRequest,
                     (false, EngineErrorKind::Internal) => ErrorCode::Internal,
                     _ => ErrorCode::BackendUnavailable,
                 };
@@ -1078,7 +1099,13 @@ impl Daemon {
                         .str("error", &e.message)
                 };
                 self.log(rec);
-                Outcome::Failure
+                if e.kind == EngineErrorKind::InvalidRequest {
+                    // Says nothing about the backend: not counted, and a half-open trial
+                    // that ends this way leaves the next request to be the trial.
+                    Outcome::Neutral
+                } else {
+                    Outcome::Failure
+                }
             }
         };
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -1173,6 +1200,9 @@ impl Daemon {
                 connections: s.connections,
                 served: s.served,
                 rejected: s.rejected,
+                prompt_tokens: s.prompt_tokens,
+                prompt_cached_tokens: s.prompt_cached_tokens,
+                completion_tokens: s.completion_tokens,
                 breakers,
             },
         );

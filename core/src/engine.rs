@@ -101,6 +101,12 @@ pub struct Capabilities {
     pub accelerator: String,
     /// Layers offloaded to the accelerator.
     pub gpu_layers: u32,
+    /// Generations the backend runs at once, when it says [ours, additive].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_parallel: Option<u32>,
+    /// Context length of one generation, in tokens, when the backend has one [ours, additive].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_ctx: Option<u32>,
 }
 
 impl Capabilities {
@@ -116,6 +122,8 @@ impl Capabilities {
             embed: false,
             accelerator: "cpu".into(),
             gpu_layers: 0,
+            n_parallel: None,
+            n_ctx: None,
         }
     }
 }
@@ -127,6 +135,17 @@ pub struct Completion {
     pub usage: Usage,
     /// `end`, `length` or `cancelled`.
     pub stop_reason: StopReason,
+    /// Prompt tokens the engine did not compute again because it still held them from an
+    /// earlier request (prompt-prefix reuse); 0 for engines without a cache. Reported in
+    /// the activity log and the admin stats, never on the inference socket.
+    pub prompt_cached_tokens: u32,
+}
+
+impl Completion {
+    /// A completion that reused no cached prompt tokens.
+    pub fn new(usage: Usage, stop_reason: StopReason) -> Self {
+        Completion { usage, stop_reason, prompt_cached_tokens: 0 }
+    }
 }
 
 /// Which kind of failure an engine reports; decides the error code before the stream.
@@ -136,6 +155,10 @@ pub enum EngineErrorKind {
     Unavailable,
     /// The backend hit an internal error: `internal` before the stream.
     Internal,
+    /// The request itself was at fault, in a way only the engine could judge (a grammar
+    /// that does not parse, a prompt longer than the context): `invalid_request`, the
+    /// connection stays open, and the circuit breaker does not count it (spec §2, §4).
+    InvalidRequest,
 }
 
 /// A backend failure, with the reason for the operator and the client.
@@ -157,6 +180,10 @@ impl EngineError {
     /// An `Internal` failure.
     pub fn internal(message: impl Into<String>) -> Self {
         EngineError { kind: EngineErrorKind::Internal, message: message.into() }
+    }
+    /// An `InvalidRequest` failure: the client's fault, not the backend's.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        EngineError { kind: EngineErrorKind::InvalidRequest, message: message.into() }
     }
 }
 
@@ -188,6 +215,11 @@ pub trait Engine: Send + Sync + 'static {
     fn runs_inline(&self, request: &GenerateRequest) -> bool {
         let _ = request;
         false
+    }
+    /// How many generations this engine runs at once (its other `generate` calls wait
+    /// inside it). The daemon's default `active_permits` follows it. Default 1.
+    fn parallelism(&self) -> u32 {
+        1
     }
 
     /// Runs one generation: pushes token bytes into `on_token` as they come, stops early

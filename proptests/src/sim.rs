@@ -114,6 +114,7 @@ coverage! {
     queue_full: "`queue_full` errors",
     no_backend: "`backend_unavailable` with no backend to route to",
     backend_failed: "errors for engine failures (before or during the stream)",
+    engine_invalid: "`invalid_request` errors for client errors only the engine saw",
     over_cap_done: "`done` replaced by an error for exceeding the frame cap",
     invalid: "`invalid_request` errors",
     too_large: "`frame_too_large` errors",
@@ -1524,7 +1525,10 @@ impl Sim {
             if gen_.attached {
                 gen_.attached = false;
                 self.attached -= 1;
-                let outcome = match event {
+                let outcome = match &event {
+                    EngineEvent::Failed(e) if e.kind == EngineErrorKind::InvalidRequest => {
+                        Outcome::Neutral
+                    }
                     EngineEvent::Failed(_) => Outcome::Failure,
                     _ => Outcome::Success,
                 };
@@ -1715,6 +1719,8 @@ impl Sim {
                     cov.no_backend += 1;
                 } else if code == "queue_full" {
                     cov.queue_full += 1;
+                } else if code == "invalid_request" {
+                    cov.engine_invalid += 1;
                 } else {
                     cov.backend_failed += 1;
                 }
@@ -1723,6 +1729,10 @@ impl Sim {
                     ("backend_unavailable", None) => assert!(
                         message.contains("no backend") || message.contains("draining"),
                         "c{c}: backend_unavailable for a request never started: {message}"
+                    ),
+                    ("invalid_request", Some((g, x))) => assert!(
+                        matches!(x.end, Some(GenEnd::Failed(EngineErrorKind::InvalidRequest))),
+                        "c{c}: invalid_request for g{g} that the engine did not reject"
                     ),
                     ("internal", Some((g, x))) => assert!(
                         matches!(x.end, Some(GenEnd::Failed(EngineErrorKind::Internal)))

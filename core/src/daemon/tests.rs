@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::engine::Completion;
-use crate::wire::Frame;
+use crate::wire::{Frame, Usage};
 
 struct H {
     d: Daemon,
@@ -184,10 +184,7 @@ impl H {
     }
 
     fn done(&mut self, g: GenId, stop: StopReason, tokens: u32) {
-        let c = Completion {
-            usage: Usage { prompt_tokens: 5, completion_tokens: tokens },
-            stop_reason: stop,
-        };
+        let c = Completion::new(Usage { prompt_tokens: 5, completion_tokens: tokens }, stop);
         self.input(Input::Engine { generation: g, event: EngineEvent::Done(c) });
     }
 
@@ -624,6 +621,47 @@ fn failed_trial_reopens() {
     h.fail(g, EngineError::unavailable("still down"));
     h.line(c2, &req("after"));
     assert_eq!(h.starts.len(), 4);
+}
+
+#[test]
+fn client_errors_found_by_the_engine_never_move_the_breaker() {
+    let mut h = H::ready(cfg(&["m"]));
+    let c = h.connect();
+    // More invalid requests than the failure threshold: the breaker stays closed.
+    for i in 0..5 {
+        h.line(c, &req(&format!("bad{i}")));
+        let g = h.last_start();
+        h.fail(g, EngineError::invalid_request("invalid grammar"));
+        assert_eq!(h.error_code(c), Some(ErrorCode::InvalidRequest));
+        assert!(h.is_open(c), "a client error keeps the connection open");
+    }
+    h.line(c, &req("good"));
+    assert_eq!(h.starts.len(), 6, "the breaker did not open");
+    let g = h.last_start();
+    h.done(g, StopReason::End, 1);
+    assert_eq!(h.activity_of("request_rejected").len(), 5);
+
+    // Open it for real, then spend the half-open trial on a client error: the trial
+    // decides nothing, and the next request is the trial.
+    for i in 0..3 {
+        h.line(c, &req(&format!("f{i}")));
+        let g = h.last_start();
+        h.fail(g, EngineError::unavailable("down"));
+    }
+    h.advance(Duration::from_secs(30));
+    h.line(c, &req("trial-bad"));
+    assert_eq!(h.starts.len(), 10, "half-open trial started");
+    let g = h.last_start();
+    h.fail(g, EngineError::invalid_request("prompt is 900 tokens, context is 512"));
+    assert_eq!(h.error_code(c), Some(ErrorCode::InvalidRequest));
+    h.line(c, &req("trial-good"));
+    assert_eq!(h.starts.len(), 11, "still half-open: a new trial starts at once");
+    let g = h.last_start();
+    h.done(g, StopReason::End, 1);
+    let other = h.connect();
+    h.line(other, &req("a"));
+    assert_eq!(h.starts.len(), 12, "closed again: no trial to wait for");
+    assert_eq!(h.error_code(other), None);
 }
 
 #[test]

@@ -174,7 +174,9 @@ fn role_cstr(role: Role) -> &'static CStr {
 
 fn clamp_i32(n: usize) -> Result<i32, EngineError> {
     i32::try_from(n).map_err(|_| {
-        EngineError::internal(format!("input of {n} bytes or tokens is too long for llama.cpp"))
+        EngineError::invalid_request(format!(
+            "input of {n} bytes or tokens is too long for llama.cpp"
+        ))
     })
 }
 
@@ -293,7 +295,7 @@ impl Session {
         let mut texts = Vec::with_capacity(messages.len());
         for m in messages {
             let content = CString::new(m.content.as_bytes()).map_err(|_| {
-                EngineError::internal(
+                EngineError::invalid_request(
                     "a message contains a NUL character, which the chat template cannot carry",
                 )
             })?;
@@ -367,7 +369,9 @@ impl Session {
             )
         };
         if n == i32::MIN {
-            return Err(EngineError::internal("the prompt has too many tokens for llama.cpp"));
+            return Err(EngineError::invalid_request(
+                "the prompt has too many tokens for llama.cpp",
+            ));
         }
         let count = n.unsigned_abs() as usize;
         let mut tokens = vec![0 as sys::llama_token; count];
@@ -476,7 +480,7 @@ impl Session {
             return Ok(None);
         }
         let grammar = CString::new(req.grammar.as_bytes())
-            .map_err(|_| EngineError::internal("the grammar contains a NUL character"))?;
+            .map_err(|_| EngineError::invalid_request("the grammar contains a NUL character"))?;
         let mark = LogMark::now();
         // SAFETY: the vocabulary is live; both strings are NUL-terminated and outlive the call.
         // llama.cpp catches its parser's exceptions and returns null for a bad grammar.
@@ -485,7 +489,7 @@ impl Session {
         };
         Sampler::new(raw)
             .map(Some)
-            .ok_or_else(|| EngineError::internal(mark.explain("invalid grammar")))
+            .ok_or_else(|| EngineError::invalid_request(mark.explain("invalid grammar")))
     }
 
     /// Samples the next token from the last decoded position.
@@ -580,13 +584,13 @@ impl Session {
         let mut tokens = self.tokenize(&prompt, special)?;
         let prompt_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
         let done = |completion_tokens: u32, stop_reason| {
-            Ok(Completion { usage: Usage { prompt_tokens, completion_tokens }, stop_reason })
+            Ok(Completion::new(Usage { prompt_tokens, completion_tokens }, stop_reason))
         };
         if tokens.is_empty() {
-            return Err(EngineError::internal("the prompt has no tokens"));
+            return Err(EngineError::invalid_request("the prompt has no tokens"));
         }
         if prompt_tokens > self.n_ctx {
-            return Err(EngineError::internal(format!(
+            return Err(EngineError::invalid_request(format!(
                 "prompt is {prompt_tokens} tokens, context is {}",
                 self.n_ctx
             )));

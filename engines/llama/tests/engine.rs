@@ -117,7 +117,7 @@ fn prompt_longer_than_context_fails() {
     let (text, result) = run(&engine, &request(&long));
     let e = result.unwrap_err();
     assert_eq!(text, "");
-    assert_eq!(e.kind, EngineErrorKind::Internal);
+    assert_eq!(e.kind, EngineErrorKind::InvalidRequest);
     assert!(e.message.contains("context is 64"), "{e}");
     assert!(e.message.starts_with("prompt is "), "{e}");
 }
@@ -327,7 +327,7 @@ fn invalid_grammar_is_an_error() {
         let (text, result) = run(&engine, &req);
         let e = result.unwrap_err();
         assert_eq!(text, "");
-        assert_eq!(e.kind, EngineErrorKind::Internal);
+        assert_eq!(e.kind, EngineErrorKind::InvalidRequest);
         assert!(e.message.contains("invalid grammar"), "{grammar}: {e}");
     }
     // The engine still serves.

@@ -375,12 +375,9 @@ impl Engine for MockEngine {
             MockFail::After(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
             _ => None,
         };
-        let end = |emitted: usize, stop_reason: StopReason| Completion {
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens: u32::try_from(emitted).unwrap_or(u32::MAX),
-            },
-            stop_reason,
+        let end = |emitted: usize, stop_reason: StopReason| {
+            let completion_tokens = u32::try_from(emitted).unwrap_or(u32::MAX);
+            Completion::new(Usage { prompt_tokens, completion_tokens }, stop_reason)
         };
         let mut emitted = 0usize;
         loop {
@@ -471,7 +468,7 @@ mod tests {
         prompt_tokens: u32,
         stop_reason: StopReason,
     ) -> Completion {
-        Completion { usage: Usage { prompt_tokens, completion_tokens }, stop_reason }
+        Completion::new(Usage { prompt_tokens, completion_tokens }, stop_reason)
     }
 
     #[test]

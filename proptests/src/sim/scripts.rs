@@ -600,10 +600,12 @@ pub(crate) fn engine_script(
     match behaviour {
         // Failure before the stream (a down backend mostly does this).
         0..=2 | 4..=9 => {
-            let e = if rng.chance(1, 3) {
-                EngineError::internal("simulated internal error")
-            } else {
-                EngineError::unavailable("simulated outage")
+            // A client error only the engine can see (bad grammar, prompt too long) must
+            // never move the breaker, even on a down backend's half-open trial.
+            let e = match rng.below(4) {
+                0 => EngineError::internal("simulated internal error"),
+                1 => EngineError::invalid_request("simulated invalid grammar"),
+                _ => EngineError::unavailable("simulated outage"),
             };
             script.push_back((delay(rng), Step::Fail(e)));
         }
@@ -638,10 +640,7 @@ pub(crate) fn engine_script(
             } else {
                 stop
             };
-            script.push_back((
-                delay(rng),
-                Step::Done(Completion { usage: usage(n, rng), stop_reason: stop }),
-            ));
+            script.push_back((delay(rng), Step::Done(Completion::new(usage(n, rng), stop))));
         }
     }
     script
@@ -659,10 +658,7 @@ pub(crate) fn after_cancel(rng: &mut Rng, tokens_so_far: u32) -> VecDeque<(u64, 
                 s.push_back((rng.below(5), Step::Token(b"late".to_vec())));
             }
             let usage = Usage { prompt_tokens: 7, completion_tokens: tokens_so_far };
-            s.push_back((
-                rng.below(60),
-                Step::Done(Completion { usage, stop_reason: StopReason::Cancelled }),
-            ));
+            s.push_back((rng.below(60), Step::Done(Completion::new(usage, StopReason::Cancelled))));
         }
     }
     s
