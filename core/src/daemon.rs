@@ -256,6 +256,8 @@ enum TimerKey {
     ReadyDeadline,
     DrainDeadline,
     DrainGrace,
+    /// The last frames to admin subscribers (the `draining` status) had their chance.
+    AdminFlush,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -384,6 +386,10 @@ pub struct Daemon {
     prompt_cached_total: u64,
     completion_tokens_total: u64,
     exit_requested: bool,
+    /// Draining is over; admin subscribers are being flushed and closed before the exit.
+    admins_closing: bool,
+    /// The admin flush grace passed: exit whether or not they read their last frames.
+    admin_flush_expired: bool,
 }
 
 impl Daemon {
@@ -419,6 +425,8 @@ impl Daemon {
             prompt_cached_total: 0,
             completion_tokens_total: 0,
             exit_requested: false,
+            admins_closing: false,
+            admin_flush_expired: false,
             cfg,
         };
         if !d.cfg.ready_timeout.is_zero() {
@@ -1284,13 +1292,22 @@ impl Daemon {
             }
             TimerKey::DrainDeadline => self.drain_deadline(),
             TimerKey::DrainGrace => {
-                let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                // The overall exit deadline: admin subscribers had their chance too. They are
+                // closed in `maybe_exit`, after what is already writable went out.
+                let ids: Vec<ConnId> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.kind == ListenerKind::Inference)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in ids {
                     self.drop_conn(id);
                 }
                 self.gens.clear();
                 self.exit_requested = true;
+                self.admin_flush_expired = true;
             }
+            TimerKey::AdminFlush => self.admin_flush_expired = true,
         }
     }
 
@@ -1360,12 +1377,22 @@ impl Daemon {
             return;
         }
         let inference_left = self.conns.values().any(|c| c.kind == ListenerKind::Inference);
-        if self.exit_requested || (!inference_left && self.gens.is_empty()) {
-            let admins = std::mem::take(&mut self.admin_conns);
-            for id in admins {
-                self.conns.remove(&id);
-                self.outputs.push_back(Output::Close { conn: id });
+        if !self.exit_requested && (inference_left || !self.gens.is_empty()) {
+            return;
+        }
+        if !self.admins_closing {
+            // Every subscriber gets what was queued for it, the `draining` status included,
+            // before its connection closes, even when nothing was in flight (spec §4, §5).
+            self.admins_closing = true;
+            for id in self.admin_conns.clone() {
+                self.close_after_flush(id);
             }
+            if !self.admin_conns.is_empty() {
+                let at = self.now + DRAIN_FLUSH_GRACE;
+                self.arm(at, TimerKey::AdminFlush);
+            }
+        }
+        if self.admin_conns.is_empty() || self.admin_flush_expired {
             self.exit(0, String::new());
         }
     }

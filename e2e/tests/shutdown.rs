@@ -10,7 +10,27 @@ both_shells!(
     sigterm_with_50_requests_in_flight,
     sigterm_drain_timeout_cancels_long_generations,
     activity_log_records_without_prompts_or_secrets,
+    sigterm_on_an_idle_daemon_tells_admin_subscribers,
 );
+
+/// Spec §4-§5: with nothing in flight, SIGTERM still sends every admin subscriber the
+/// `draining` status before its connection closes.
+fn sigterm_on_an_idle_daemon_tells_admin_subscribers(shell: Shell) {
+    let mut d = shell.daemon().start();
+    let mut admins: Vec<Admin> = (0..3).map(|_| d.admin()).collect();
+    for a in &mut admins {
+        while a.next_event().expect("an event")["status"] != "ready" {}
+    }
+    d.sigterm();
+    for a in &mut admins {
+        let mut last = None;
+        while let Some(v) = a.next_event() {
+            last = Some(v["status"].as_str().unwrap_or_default().to_owned());
+        }
+        assert_eq!(last.as_deref(), Some("draining"), "the last event before EOF");
+    }
+    assert!(d.wait_exit(EXIT_TIMEOUT).success());
+}
 
 /// 50 clients each send one request (4 generate, the rest queue); SIGTERM. Every client
 /// ends with `done` or `error` (never EOF without a terminal frame), the socket files

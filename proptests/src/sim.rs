@@ -38,7 +38,7 @@ use crate::rng::Rng;
 use scripts::{Action, Ctx, Expect, ReqSpec, Step};
 use trace::{Dir, Trace};
 
-pub use trace::TRACE_LEN;
+pub use trace::{TRACE_LEN, TraceMode};
 
 /// The drain grace the daemon adds after the drain deadline before it gives up on flushes.
 const DRAIN_GRACE_MS: u64 = 2_000;
@@ -163,6 +163,13 @@ impl fmt::Display for Failure {
             None => writeln!(f, "fuzz input FAILED")?,
         }
         writeln!(f, "replay: {}", self.replay_command())?;
+        if self.seed.is_some() {
+            writeln!(
+                f,
+                "full trace: {} --trace (add --conn N for one connection)",
+                self.replay_command()
+            )?;
+        }
         writeln!(f, "config: {}", self.config)?;
         writeln!(f, "invariant: {}", self.message)?;
         writeln!(f, "last {} events (-> input, <- output, .. simulated world):", self.trace.len())?;
@@ -211,32 +218,50 @@ pub fn run_seed(seed: u64) -> Result<RunStats, Failure> {
 
 /// Runs one seed at the given size, catching the panic of a broken invariant.
 pub fn run_seed_with(seed: u64, params: SimParams) -> Result<RunStats, Failure> {
-    run_caught(Rng::new(seed), seed, Some(seed), params)
+    run_caught(Rng::new(seed), seed, Some(seed), params, TraceMode::Tail).0
+}
+
+/// A seed's run as a reader sees it: its configuration, its events (all of them, or one
+/// connection's, as `mode` says), and how it ended. Deterministic: the same seed gives
+/// the same lines byte for byte.
+pub fn trace_seed(seed: u64, mode: TraceMode) -> (String, Vec<String>, Result<RunStats, Failure>) {
+    let (result, run) = run_caught(Rng::new(seed), seed, Some(seed), SimParams::SEEDS, mode);
+    let (config, trace) = run.unwrap_or_default();
+    (config, trace, result)
 }
 
 /// Runs the simulator with a fuzzer's bytes as its random stream; `Err` when an invariant broke.
 pub fn run_bytes(data: &[u8]) -> Result<RunStats, Failure> {
     let mut rng = Rng::from_bytes(data);
     let tag = rng.next_u64() % 1_000_000;
-    run_caught(rng, tag, None, SimParams::FUZZ)
+    run_caught(rng, tag, None, SimParams::FUZZ, TraceMode::Tail).0
 }
+
+/// A traced run's configuration line and its events.
+type TracedRun = (String, Vec<String>);
 
 fn run_caught(
     rng: Rng,
     tag: u64,
     seed: Option<u64>,
     params: SimParams,
-) -> Result<RunStats, Failure> {
+    mode: TraceMode,
+) -> (Result<RunStats, Failure>, Option<TracedRun>) {
     install_panic_hook();
     let was_quiet = QUIET.with(|q| q.replace(true));
     LAST_PANIC.with(|p| p.borrow_mut().take());
     let mut sim: Option<Sim> = None;
     let result = catch_unwind(AssertUnwindSafe(|| {
         let s = sim.insert(Sim::new(rng, tag, params));
+        s.trace = Trace::new(mode);
         s.run();
     }));
     QUIET.with(|q| q.set(was_quiet));
-    match result {
+    let run = match (&sim, mode) {
+        (Some(s), TraceMode::Full | TraceMode::Conn(_)) => Some((s.describe(), s.trace.render())),
+        _ => None,
+    };
+    let result = match result {
         Ok(()) => {
             let s = sim.as_ref().map(Sim::stats).unwrap_or_default();
             Ok(s)
@@ -255,7 +280,8 @@ fn run_caught(
             };
             Err(Failure { seed, message, config, trace })
         }
-    }
+    };
+    (result, run)
 }
 
 /// Mixes two values into a seed (for entity-local generators).
@@ -360,6 +386,8 @@ struct Conn {
     wake_token: u64,
     /// Still inside the `Accepted` input (a close now is a refusal).
     fresh: bool,
+    /// An admin subscriber was sent the `draining` status.
+    saw_draining: bool,
 }
 
 impl Conn {
@@ -386,6 +414,7 @@ impl Conn {
             waiting: false,
             wake_token: 0,
             fresh: true,
+            saw_draining: false,
         }
     }
 }
@@ -1332,6 +1361,18 @@ impl Sim {
             self.cov.daemon_closes += 1;
         }
         if conn.kind != Kind::Inference {
+            // Spec §4-§5: a subscriber that keeps up hears `draining` before the daemon
+            // closes it on the way out, whether or not anything was in flight.
+            if let Some(s) = self.shutdown_at {
+                let grace_end = s + self.cfg.drain_timeout.as_millis() as u64 + DRAIN_GRACE_MS;
+                assert!(
+                    conn.hung_up
+                        || conn.saw_draining
+                        || conn.in_flight.is_some()
+                        || self.now >= grace_end,
+                    "admin c{c} closed during shutdown without the draining status"
+                );
+            }
             return;
         }
         self.open_inference -= 1;
@@ -1371,6 +1412,7 @@ impl Sim {
                 digits.parse::<usize>().ok()
             })
             .unwrap_or_else(|| panic!("Start g{g} for a request the simulation never sent"));
+        self.trace.gen_of(g, self.reqs[n].conn);
         self.trace.push(now, Dir::Out, "Start", format!("g{g} backend={backend} request={n}"));
         assert!(!self.gens.contains_key(&g), "generation g{g} started twice");
         assert!(backend < self.backends.len(), "Start on unknown backend {backend}");
@@ -1565,7 +1607,14 @@ impl Sim {
                         terminals += 1;
                     }
                 }
-                Kind::Admin => self.check_admin_frame(c, line),
+                Kind::Admin => {
+                    self.check_admin_frame(c, line);
+                    if line.windows(10).any(|w| w == b"\"draining\"")
+                        && let Some(conn) = self.conns.get_mut(&c)
+                    {
+                        conn.saw_draining = true;
+                    }
+                }
             }
         }
         let conn = self.conns.get_mut(&c).unwrap_or_else(|| panic!("c{c} vanished"));

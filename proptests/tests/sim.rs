@@ -72,3 +72,29 @@ fn fuzz_bytes_drive_the_simulator() {
         }
     }
 }
+
+#[test]
+fn traces_are_identical_across_runs() {
+    for seed in [5, 42] {
+        let a = sim::trace_seed(seed, sim::TraceMode::Full);
+        let b = sim::trace_seed(seed, sim::TraceMode::Full);
+        assert!(a.1.len() > 20, "seed {seed}: a full trace has the whole run: {}", a.1.len());
+        assert_eq!((&a.0, &a.1), (&b.0, &b.1), "seed {seed}: the trace differs between runs");
+        assert_eq!(a.2.is_ok(), b.2.is_ok());
+    }
+}
+
+#[test]
+fn a_connection_trace_is_that_connections_story() {
+    let (_, full, _) = sim::trace_seed(42, sim::TraceMode::Full);
+    let (_, one, _) = sim::trace_seed(42, sim::TraceMode::Conn(1));
+    assert!(!one.is_empty() && one.len() < full.len(), "{} of {}", one.len(), full.len());
+    for line in &one {
+        assert!(full.contains(line), "not in the full trace: {line}");
+        let words: Vec<&str> = line.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+        assert!(
+            words.contains(&"c1") || words.iter().any(|w| w.starts_with('g')),
+            "not about c1 or its generations: {line}"
+        );
+    }
+}

@@ -39,3 +39,33 @@ async fn mismatched_backend_names_are_a_usage_error() {
     let err = EmbedConfig::new(temp_dir("names"), config, mock()).start().unwrap_err();
     assert_eq!(err.code, 2);
 }
+
+/// A shutdown through the handle of an idle daemon still tells admin subscribers that it
+/// drains before their connection closes (spec §4-§5).
+#[tokio::test(flavor = "current_thread")]
+async fn shutdown_through_the_handle_tells_admin_subscribers() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = temp_dir("admin-drain");
+    let daemon = EmbedConfig::new(&dir, DaemonConfig::default(), mock()).start().unwrap();
+    common::wait_for(daemon.infer_socket()).await;
+    let admin = tokio::net::UnixStream::connect(&daemon.paths().admin).await.unwrap();
+    let mut lines = tokio::io::BufReader::new(admin).lines();
+    let status = |line: &str| {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["status"].as_str().unwrap().to_owned()
+    };
+    loop {
+        let line = lines.next_line().await.unwrap().expect("admin socket closed before ready");
+        if status(&line) == "ready" {
+            break;
+        }
+    }
+    daemon.shutdown();
+    let mut last = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        last = Some(status(&line));
+    }
+    assert_eq!(last.as_deref(), Some("draining"));
+    assert_eq!(daemon.wait().await.0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1196,3 +1196,23 @@ fn a_zero_write_timeout_never_drops_a_slow_reader() {
     assert!(h.is_open(conn));
     assert!(h.cancels.is_empty());
 }
+
+/// Spec §4-§5: admin subscribers hear `draining` before their connection closes, also
+/// when the daemon had nothing in flight; one that never reads does not hold the exit.
+#[test]
+fn admin_subscribers_hear_draining_before_an_idle_exit() {
+    let mut h = H::ready(cfg(&["m"]));
+    let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let stuck = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    h.stalled.insert(stuck);
+    h.input(Input::Shutdown);
+    let last = h.raw_lines(admin).pop().unwrap();
+    assert_eq!(last["status"], "draining", "{last}");
+    assert!(!h.is_open(admin), "closed once its frames are out");
+    assert!(h.exit.is_none(), "waits for the subscriber still writing");
+    h.advance(DRAIN_FLUSH_GRACE - Duration::from_millis(1));
+    assert!(h.exit.is_none());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.exit.clone().unwrap().0, 0);
+    assert!(!h.is_open(stuck));
+}

@@ -1,6 +1,9 @@
-//! A ring buffer of the last events of a run, formatted only when a run fails.
+//! The events of a run: a ring of the last ones, formatted only when a run fails, or the
+//! whole run (optionally one connection's story) for `sim --trace`.
+//!
+//! Lines carry simulated time only, so a seed's trace is the same on every run and machine.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 /// How many events a failing run shows.
 pub const TRACE_LEN: usize = 200;
@@ -28,14 +31,49 @@ struct Entry {
     snip: Option<(Box<[u8]>, usize)>,
 }
 
-/// The last [`TRACE_LEN`] events.
+/// What a run keeps of its events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TraceMode {
+    /// The last [`TRACE_LEN`] events, for a failure report.
+    #[default]
+    Tail,
+    /// Every event of the run.
+    Full,
+    /// Every event that concerns one connection: its inputs and outputs, and the
+    /// generations of its requests.
+    Conn(u64),
+}
+
+/// The events of a run, as [`TraceMode`] says.
 #[derive(Debug, Default)]
 pub(crate) struct Trace {
     ring: VecDeque<Entry>,
     dropped: u64,
+    mode: TraceMode,
+    /// In [`TraceMode::Conn`], the generations started for that connection.
+    gens: HashSet<u64>,
+}
+
+/// Whether `subject` names `prefix` followed by `n` as a whole word (`c3`, not `c31`).
+fn names(subject: &str, prefix: char, n: u64) -> bool {
+    let want = format!("{prefix}{n}");
+    subject.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w == want)
 }
 
 impl Trace {
+    /// An empty trace keeping what `mode` says.
+    pub(crate) fn new(mode: TraceMode) -> Trace {
+        Trace { mode, ..Trace::default() }
+    }
+
+    /// In [`TraceMode::Conn`], generation `g` belongs to the traced connection when
+    /// `conn` is it; its events are kept from now on.
+    pub(crate) fn gen_of(&mut self, g: u64, conn: u64) {
+        if self.mode == TraceMode::Conn(conn) {
+            self.gens.insert(g);
+        }
+    }
+
     pub(crate) fn push(&mut self, t_ms: u64, dir: Dir, what: &'static str, subject: String) {
         self.push_entry(Entry { t_ms, dir, what, subject, snip: None });
     }
@@ -53,6 +91,22 @@ impl Trace {
     }
 
     fn push_entry(&mut self, e: Entry) {
+        match self.mode {
+            TraceMode::Full => {
+                self.ring.push_back(e);
+                return;
+            }
+            TraceMode::Conn(c) => {
+                let mine = names(&e.subject, 'c', c)
+                    || e.subject.starts_with('g')
+                        && self.gens.iter().any(|&g| names(&e.subject, 'g', g));
+                if mine {
+                    self.ring.push_back(e);
+                }
+                return;
+            }
+            TraceMode::Tail => {}
+        }
         if self.ring.len() == TRACE_LEN {
             self.ring.pop_front();
             self.dropped += 1;
