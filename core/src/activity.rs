@@ -75,6 +75,14 @@ impl Record {
         self
     }
 
+    /// Adds a string field when present; absent fields are left out, never `null`.
+    pub fn opt_str(self, key: &str, value: Option<&str>) -> Self {
+        match value {
+            Some(v) => self.str(key, v),
+            None => self,
+        }
+    }
+
     /// Adds a numeric field when present; absent fields are left out, never `null`.
     pub fn opt_num(self, key: &str, value: Option<u64>) -> Self {
         match value {

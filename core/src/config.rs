@@ -47,6 +47,12 @@ pub struct DaemonConfig {
     pub stats_interval: Duration,
     /// An admin subscriber this many events behind is disconnected.
     pub admin_lag_limit: usize,
+    /// Admin subscribers at most; a newcomer past it takes the place of the oldest one
+    /// that lags, or is refused when none lags [ours].
+    pub max_admin_subscribers: usize,
+    /// A TCP client must present its key within this, or it is disconnected; zero
+    /// disables [ours].
+    pub auth_timeout: Duration,
     /// The circuit breaker policy.
     pub breaker: BreakerPolicy,
     /// Give up starting when backends are not ready after this long; zero waits forever.
@@ -71,6 +77,8 @@ impl Default for DaemonConfig {
             drain_timeout: Duration::from_secs(30),
             stats_interval: Duration::from_secs(1),
             admin_lag_limit: 256,
+            max_admin_subscribers: 64,
+            auth_timeout: Duration::from_secs(10),
             breaker: BreakerPolicy::default(),
             ready_timeout: Duration::from_secs(600),
             api_key: None,
@@ -115,6 +123,10 @@ pub struct Settings {
     pub stats_interval_ms: Option<u64>,
     /// See [`DaemonConfig::admin_lag_limit`].
     pub admin_lag_limit: Option<u64>,
+    /// See [`DaemonConfig::max_admin_subscribers`].
+    pub max_admin_subscribers: Option<u64>,
+    /// Seconds; see [`DaemonConfig::auth_timeout`].
+    pub auth_timeout_secs: Option<u64>,
     /// Breaker: failures that open it.
     pub failure_threshold: Option<u32>,
     /// Breaker: seconds failures count for.
@@ -209,6 +221,8 @@ impl Settings {
             "drain_timeout_secs" => self.drain_timeout_secs = Some(get_u64(key, v)?),
             "stats_interval_ms" => self.stats_interval_ms = Some(get_u64(key, v)?),
             "admin_lag_limit" => self.admin_lag_limit = Some(get_u64(key, v)?),
+            "max_admin_subscribers" => self.max_admin_subscribers = Some(get_u64(key, v)?),
+            "auth_timeout_secs" => self.auth_timeout_secs = Some(get_u64(key, v)?),
             "failure_threshold" => self.failure_threshold = Some(get_u32(key, v)?),
             "failure_window_secs" => self.failure_window_secs = Some(get_u64(key, v)?),
             "cooldown_secs" => self.cooldown_secs = Some(get_u64(key, v)?),
@@ -251,6 +265,8 @@ impl Settings {
             drain_timeout_secs,
             stats_interval_ms,
             admin_lag_limit,
+            max_admin_subscribers,
+            auth_timeout_secs,
             failure_threshold,
             failure_window_secs,
             cooldown_secs,
@@ -307,6 +323,13 @@ impl Settings {
         if failure_threshold == 0 {
             return Err(ConfigError::new("failure_threshold", "must be at least 1"));
         }
+        let max_admin_subscribers = match self.max_admin_subscribers {
+            None => d.max_admin_subscribers,
+            Some(0) => {
+                return Err(ConfigError::new("max_admin_subscribers", "must be at least 1"));
+            }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         if self.api_key.as_deref() == Some("") {
             return Err(ConfigError::new(
                 "api_key",
@@ -325,6 +348,8 @@ impl Settings {
             admin_lag_limit: self
                 .admin_lag_limit
                 .map_or(d.admin_lag_limit, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            max_admin_subscribers,
+            auth_timeout: secs(self.auth_timeout_secs, d.auth_timeout),
             breaker: BreakerPolicy {
                 failure_threshold,
                 failure_window: secs(self.failure_window_secs, d.breaker.failure_window),

@@ -252,6 +252,8 @@ const DRAIN_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(2)
 enum TimerKey {
     WriteStall(ConnId),
     ReadIdle(ConnId),
+    /// A TCP client's key line is due.
+    AuthDeadline(ConnId),
     Stats,
     ReadyDeadline,
     DrainDeadline,
@@ -287,8 +289,15 @@ struct Conn {
     kind: ListenerKind,
     authed: bool,
     /// Bytes after the auth line, held until the auth line is judged: the request behind
-    /// it is measured against the frame cap, not the 4 KiB auth cap.
+    /// it is measured against the frame cap, not the 4 KiB auth cap. Never more than the
+    /// rest of the read that completed the auth line: it is judged in the same step.
     pre_auth: Vec<u8>,
+    /// Before authentication: the unfinished line has a byte other than whitespace (a
+    /// blank line before the key line is not the key line).
+    auth_line_started: bool,
+    /// The last request whose terminal frame is written into the output but not yet
+    /// confirmed flushed: a write-stall drop says it was not delivered.
+    undelivered: Option<String>,
     decoder: LineDecoder,
     out: Vec<u8>,
     /// Full chunks of output waiting behind the write in flight, oldest first.
@@ -546,6 +555,13 @@ impl Daemon {
         self.conns.len()
     }
 
+    /// The most input bytes held for any one connection (unfinished lines, pipelined
+    /// lines, bytes waiting for an auth verdict). Bounded by the larger of the frame cap
+    /// and the auth cap, plus one CR and one read: what the simulator checks.
+    pub fn max_input_held(&self) -> usize {
+        self.conns.values().map(|c| c.decoder.buffered() + c.pre_auth.len()).max().unwrap_or(0)
+    }
+
     // ---- connections -------------------------------------------------------------
 
     fn on_accepted(&mut self, id: ConnId, listener: ListenerKind, peer: Peer) {
@@ -563,11 +579,27 @@ impl Daemon {
         let needs_auth = peer.transport == Transport::Tcp
             && listener == ListenerKind::Inference
             && self.cfg.api_key.is_some();
+        if needs_auth && self.unauthenticated() >= self.unauthenticated_budget() {
+            // Strangers without a key cannot take the places of the Unix-socket clients.
+            let rec = self
+                .record(Level::Warn, "tcp_unauthenticated_limit")
+                .str("peer", &peer.addr)
+                .num("limit", self.unauthenticated_budget() as u64);
+            self.log(rec);
+            self.outputs.push_back(Output::Close { conn: id });
+            return;
+        }
+        if listener == ListenerKind::Admin && !self.make_room_for_admin() {
+            self.outputs.push_back(Output::Close { conn: id });
+            return;
+        }
         let cap = if needs_auth { MAX_AUTH_LINE_BYTES } else { self.cfg.max_frame_bytes };
         let mut conn = Conn {
             kind: listener,
             authed: !needs_auth,
             pre_auth: Vec::new(),
+            auth_line_started: false,
+            undelivered: None,
             decoder: LineDecoder::new(cap),
             out: Vec::new(),
             sealed: VecDeque::new(),
@@ -597,6 +629,10 @@ impl Daemon {
                 conn.reading = true;
                 self.conns.insert(id, conn);
                 self.outputs.push_back(Output::Read { conn: id });
+                if needs_auth && !self.cfg.auth_timeout.is_zero() {
+                    let at = self.now + self.cfg.auth_timeout;
+                    self.arm(at, TimerKey::AuthDeadline(id));
+                }
             }
             ListenerKind::Admin => {
                 // Replay: capabilities so far, then one snapshot, then live events.
@@ -616,14 +652,64 @@ impl Daemon {
         if c.kind == ListenerKind::Admin || c.closing {
             return;
         }
-        match bytes.iter().position(|&b| b == b'\n') {
-            Some(i) if !c.authed => {
-                c.decoder.push(&bytes[..=i]);
-                c.pre_auth.extend_from_slice(&bytes[i + 1..]);
+        if c.authed {
+            c.decoder.push(bytes);
+        } else {
+            // Up to the end of the first non-blank line goes to the decoder (under the
+            // auth cap); the rest waits for the verdict, which comes in this same step.
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let Some(i) = rest.iter().position(|&b| b == b'\n') else {
+                    c.auth_line_started |= !is_blank(rest);
+                    c.decoder.push(rest);
+                    break;
+                };
+                let ends_key_line = c.auth_line_started || !is_blank(&rest[..i]);
+                c.decoder.push(&rest[..=i]);
+                c.auth_line_started = false;
+                rest = &rest[i + 1..];
+                if ends_key_line {
+                    c.pre_auth.extend_from_slice(rest);
+                    break;
+                }
             }
-            _ => c.decoder.push(bytes),
         }
         self.process_lines(id);
+    }
+
+    /// TCP connections still owing their key line.
+    fn unauthenticated(&self) -> usize {
+        self.conns.values().filter(|c| !c.authed).count()
+    }
+
+    /// How many connections may be waiting to authenticate at once: a quarter of
+    /// `max_connections`, at least one.
+    fn unauthenticated_budget(&self) -> usize {
+        usize::try_from(self.cfg.max_connections / 4).unwrap_or(usize::MAX).max(1)
+    }
+
+    /// Whether an admin subscriber may join: below the cap, or after the oldest
+    /// subscriber that lags behind (output not yet written) made way for it.
+    fn make_room_for_admin(&mut self) -> bool {
+        if self.admin_conns.len() < self.cfg.max_admin_subscribers {
+            return true;
+        }
+        let lagging = self.admin_conns.iter().copied().find(|id| {
+            self.conns.get(id).is_some_and(|c| c.writing_since.is_some() || c.has_output())
+        });
+        let Some(oldest) = lagging else {
+            let rec = self
+                .record(Level::Warn, "admin_subscriber_refused")
+                .num("limit", self.cfg.max_admin_subscribers as u64);
+            self.log(rec);
+            return false;
+        };
+        let rec = self
+            .record(Level::Warn, "admin_subscriber_replaced")
+            .num("limit", self.cfg.max_admin_subscribers as u64);
+        self.log(rec);
+        self.drop_conn(oldest);
+        true
     }
 
     fn on_read_closed(&mut self, id: ConnId) {
@@ -677,6 +763,7 @@ impl Daemon {
                             let cap = self.cfg.max_frame_bytes;
                             if let Some(c) = self.conns.get_mut(&id) {
                                 c.authed = true;
+                                c.auth_line_started = false;
                                 c.decoder.set_cap(cap);
                                 let rest = std::mem::take(&mut c.pre_auth);
                                 c.decoder.push(&rest);
@@ -743,6 +830,9 @@ impl Daemon {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.writing_since = None;
         c.events_in_flight = 0;
+        if !c.has_output() {
+            c.undelivered = None;
+        }
         if c.has_output() {
             self.queue_flush(id);
         } else if c.closing {
@@ -1118,6 +1208,7 @@ impl Daemon {
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.seal_if_full();
+            c.undelivered = Some(g.req_id.clone());
         }
         self.router.report(g.route, outcome, now);
         self.queue_flush(conn);
@@ -1241,12 +1332,30 @@ impl Daemon {
                 let Some(c) = self.conns.get_mut(&id) else { return };
                 c.write_timer = false;
                 match c.writing_since {
-                    Some(since) if now.saturating_since(since) >= timeout => self.drop_conn(id),
+                    Some(since) if now.saturating_since(since) >= timeout => {
+                        // The activity log must not leave `request_done` as the last word
+                        // on output the client never received.
+                        let pending = c.sealed.iter().map(Vec::len).sum::<usize>() + c.out.len();
+                        let undelivered = c.undelivered.take();
+                        let rec = self
+                            .record(Level::Warn, "write_timeout")
+                            .opt_str("undelivered_req_id", undelivered.as_deref())
+                            .num("unsent_bytes", pending as u64);
+                        self.log(rec);
+                        self.drop_conn(id);
+                    }
                     Some(since) => {
                         c.write_timer = true;
                         self.arm(since + timeout, TimerKey::WriteStall(id));
                     }
                     None => {}
+                }
+            }
+            TimerKey::AuthDeadline(id) => {
+                if self.conns.get(&id).is_some_and(|c| !c.authed && !c.closing) {
+                    let rec = self.record(Level::Warn, "tcp_auth_timeout");
+                    self.log(rec);
+                    self.drop_conn(id);
                 }
             }
             TimerKey::ReadIdle(id) => {
@@ -1422,6 +1531,11 @@ impl Daemon {
     fn log(&mut self, rec: Record) {
         self.outputs.push_back(Output::Activity(rec.finish()));
     }
+}
+
+/// Whether `bytes` hold only what the framing treats as blank.
+fn is_blank(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r'))
 }
 
 /// Appends `piece` as token frames no larger than `cap`: a piece too big for one frame

@@ -26,7 +26,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, Peer, Transport};
+use inferd_core::daemon::{ListenerKind, MAX_AUTH_LINE_BYTES, Peer, Transport};
 use inferd_core::engine::{Capabilities, EngineError, EngineErrorKind, EngineEvent, LoadPhase};
 use inferd_core::router::{BreakerPolicy, Outcome, Route};
 use inferd_core::time::Time;
@@ -523,6 +523,8 @@ struct Sim {
     steps: u64,
     trace: Trace,
     cov: Coverage,
+    /// The largest `Received` fed so far.
+    largest_read: usize,
 }
 
 impl Sim {
@@ -541,6 +543,8 @@ impl Sim {
             drain_timeout: secs(&mut rng, 1, 10),
             stats_interval: Duration::from_millis(rng.range(100, 2000)),
             admin_lag_limit: rng.range_usize(4, 64),
+            max_admin_subscribers: rng.range_usize(1, 3),
+            auth_timeout: if rng.chance(1, 5) { Duration::ZERO } else { secs(&mut rng, 1, 10) },
             breaker: BreakerPolicy {
                 failure_threshold: rng.range(1, 4) as u32,
                 failure_window: secs(&mut rng, 2, 60),
@@ -610,6 +614,7 @@ impl Sim {
             steps: 0,
             trace: Trace::default(),
             cov: Coverage::default(),
+            largest_read: 0,
             cfg,
         }
     }
@@ -628,7 +633,8 @@ impl Sim {
         format!(
             "backends={:?} active_permits={} queue_depth={} max_frame_bytes={} write_timeout={:?} \
              read_timeout={:?} max_connections={} drain_timeout={:?} stats_interval={:?} \
-             admin_lag_limit={} breaker=({} in {:?}, cooldown {:?}) ready_timeout={:?} api_key={} \
+             admin_lag_limit={} max_admin_subscribers={} auth_timeout={:?} \
+             breaker=({} in {:?}, cooldown {:?}) ready_timeout={:?} api_key={} \
              timings={} clients={} horizon={}ms scenario={:?} tag={}",
             c.backends,
             c.active_permits,
@@ -640,6 +646,8 @@ impl Sim {
             c.drain_timeout,
             c.stats_interval,
             c.admin_lag_limit,
+            c.max_admin_subscribers,
+            c.auth_timeout,
             c.breaker.failure_threshold,
             c.breaker.failure_window,
             c.breaker.cooldown,
@@ -805,6 +813,9 @@ impl Sim {
     /// Feeds one input, drains every output, checks the invariants.
     fn feed(&mut self, input: Input<'_>) {
         self.trace_input(&input);
+        if let Input::Received { bytes, .. } = &input {
+            self.largest_read = self.largest_read.max(bytes.len());
+        }
         self.d.handle(Time::from_millis(self.now), input);
         while let Some(o) = self.d.poll_output() {
             assert!(self.exited.is_none(), "output after Exit: {}", short_output(&o));
@@ -818,6 +829,12 @@ impl Sim {
     fn check_step(&mut self) {
         let s = self.d.stats();
         let cfg = &self.cfg;
+        let held_cap = cfg.max_frame_bytes.max(MAX_AUTH_LINE_BYTES) + 1 + self.largest_read;
+        assert!(
+            self.d.max_input_held() <= held_cap,
+            "a connection holds {} input bytes, more than a line cap plus one read ({held_cap})",
+            self.d.max_input_held()
+        );
         assert!(
             s.queued <= cfg.queue_depth,
             "queue holds {} requests, more than queue_depth {}",

@@ -69,6 +69,15 @@ pub struct ServeArgs {
     /// Open inference connections at most [default: 1024].
     #[arg(long, env = "INFERD_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<u32>,
+    /// Close a TCP client that has not sent its key line after this long; 0 disables
+    /// [default: 10]. Unauthenticated TCP clients may also hold at most a quarter of
+    /// --max-connections at once, so they cannot lock out Unix-socket clients.
+    #[arg(long, env = "INFERD_AUTH_TIMEOUT_SECS", value_name = "SECS")]
+    pub auth_timeout_secs: Option<u64>,
+    /// Admin subscribers at most; a newcomer replaces the oldest one that lags behind,
+    /// or is refused when none lags [default: 64].
+    #[arg(long, env = "INFERD_MAX_ADMIN_SUBSCRIBERS", value_name = "N")]
+    pub max_admin_subscribers: Option<u64>,
     /// Activity log directory [default: $INFERD_LOG_DIR, then ~/.inferd/logs].
     #[arg(long, env = "INFERD_LOG_DIR", value_name = "DIR")]
     pub log_dir: Option<String>,
@@ -152,6 +161,8 @@ impl ServeArgs {
         set("read_timeout_secs", self.read_timeout_secs.map(Value::from))?;
         set("drain_timeout_secs", self.drain_timeout_secs.map(Value::from))?;
         set("max_connections", self.max_connections.map(Value::from))?;
+        set("auth_timeout_secs", self.auth_timeout_secs.map(Value::from))?;
+        set("max_admin_subscribers", self.max_admin_subscribers.map(Value::from))?;
         set("log_dir", self.log_dir.clone().map(Value::from))?;
         set("model_path", self.model_path.clone().map(Value::from))?;
         set("model_sha256", self.model_sha256.clone().map(Value::from))?;

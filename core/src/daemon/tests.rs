@@ -1216,3 +1216,115 @@ fn admin_subscribers_hear_draining_before_an_idle_exit() {
     assert_eq!(h.exit.clone().unwrap().0, 0);
     assert!(!h.is_open(stuck));
 }
+
+const AUTH: &str = r#"{"type":"auth","key":"s3cret-key"}"#;
+
+fn keyed() -> DaemonConfig {
+    let mut c = cfg(&["m"]);
+    c.api_key = Some("s3cret-key".into());
+    c
+}
+
+/// Issue 15#2: before authentication the daemon holds the auth line and one read at
+/// most, and blank lines before the key line are skipped, not taken for it.
+#[test]
+fn before_authentication_memory_is_bounded_and_blank_lines_are_skipped() {
+    let mut h = H::ready(keyed());
+    let c = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    let lfs = "\n".repeat(64 * 1024);
+    for _ in 0..16 {
+        h.send(c, &lfs);
+        let conn = &h.d.conns[&c];
+        assert!(conn.pre_auth.is_empty(), "{} bytes held before auth", conn.pre_auth.len());
+        assert!(conn.decoder.buffered() <= 1, "{} bytes buffered", conn.decoder.buffered());
+    }
+    assert!(h.is_open(c));
+    // A blank line, the key line and a request in one read: the request is served.
+    h.send(c, &format!(" \r\n\n{AUTH}\n{}\n", req("after-blanks")));
+    assert_eq!(h.starts.len(), 1, "the request behind the key line started");
+    assert!(h.d.conns[&c].pre_auth.is_empty());
+    // The key line split across reads after blank ones.
+    let d = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    h.send(d, "\n\n{\"type\":\"au");
+    h.send(d, &format!("th\",\"key\":\"s3cret-key\"}}\n{}\n", req("split")));
+    assert_eq!(h.error_code(d), None);
+    assert!(h.is_open(d));
+}
+
+/// Issue 15#4: the key line is due within `auth_timeout`; strangers without a key hold a
+/// quarter of `max_connections` at most, so Unix-socket clients always get in.
+#[test]
+fn unauthenticated_tcp_clients_have_a_deadline_and_a_budget() {
+    let mut cfg = keyed();
+    cfg.max_connections = 8;
+    cfg.auth_timeout = Duration::from_secs(10);
+    let mut h = H::ready(cfg);
+    let a = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    let b = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    let third = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
+    assert!(h.is_open(a) && h.is_open(b));
+    assert!(!h.is_open(third), "past the budget of 8 / 4");
+    assert_eq!(h.activity_of("tcp_unauthenticated_limit").len(), 1);
+    let unix: Vec<ConnId> = (0..6).map(|_| h.connect()).collect();
+    assert!(unix.iter().all(|u| h.is_open(*u)), "Unix clients still fit");
+    // b authenticates; a never does.
+    h.line(b, AUTH);
+    h.advance(Duration::from_secs(9));
+    assert!(h.is_open(a));
+    h.advance(Duration::from_secs(1));
+    assert!(!h.is_open(a), "no key within 10 s");
+    assert!(h.is_open(b), "an authenticated client is not timed out");
+    assert_eq!(h.activity_of("tcp_auth_timeout").len(), 1);
+}
+
+/// Issue 15#9: admin subscribers are capped; a newcomer takes the place of the oldest
+/// subscriber that lags, or is refused when all keep up.
+#[test]
+fn admin_subscribers_are_capped_and_laggards_go_first() {
+    let mut cfg = cfg(&["m"]);
+    cfg.max_admin_subscribers = 2;
+    let mut h = H::ready(cfg);
+    let a = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let b = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    let refused = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    assert!(h.is_open(a) && h.is_open(b));
+    assert!(!h.is_open(refused), "all subscribers keep up: the newcomer is refused");
+    h.stalled.insert(b);
+    let c = h.connect();
+    h.line(c, &req("x"));
+    h.advance(Duration::from_secs(1));
+    let newcomer = h.connect_kind(ListenerKind::Admin, Transport::Unix);
+    assert!(h.is_open(newcomer));
+    assert!(!h.is_open(b), "the lagging subscriber made way");
+    assert!(h.is_open(a));
+    assert_eq!(h.activity_of("admin_subscriber_replaced").len(), 1);
+}
+
+/// Issue 15#12: a finished request whose frames the client never took is not left with
+/// `request_done` as the last word: the write-stall drop names it as undelivered.
+#[test]
+fn output_dropped_at_the_write_timeout_is_logged_as_undelivered() {
+    let mut c = cfg(&["mock"]);
+    c.write_timeout = Duration::from_secs(10);
+    let mut h = H::ready(c);
+    let slow = h.connect();
+    h.stalled.insert(slow);
+    h.line(slow, &req("never-read"));
+    let g = h.last_start();
+    h.token(g, b"text");
+    h.done(g, StopReason::End, 1);
+    assert_eq!(h.activity_of("request_done").len(), 1);
+    h.advance(Duration::from_secs(10));
+    assert!(!h.is_open(slow));
+    let rec = h.activity_of("write_timeout");
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0]["undelivered_req_id"], "never-read", "{}", rec[0]);
+    assert!(rec[0]["unsent_bytes"].as_u64().is_some(), "{}", rec[0]);
+    // A reader that took everything is not reported.
+    let ok = h.connect();
+    h.line(ok, &req("read"));
+    let g = h.last_start();
+    h.done(g, StopReason::End, 1);
+    h.advance(Duration::from_secs(20));
+    assert_eq!(h.activity_of("write_timeout").len(), 1);
+}

@@ -387,6 +387,12 @@ pub(crate) fn client_script(rng: &mut Rng, ctx: &mut Ctx<'_>) -> (Vec<Action>, b
             return (s, true);
         }
         let mut w = WriteBuilder::new(ctx.cap);
+        if rng.chance(1, 4) {
+            // Blank lines before the key line are skipped, never taken for it.
+            for _ in 0..rng.range(1, 3) {
+                w.raw(rng.pick(&[&b"\n"[..], b" \r\n", b"\t\n"]));
+            }
+        }
         w.raw(&line);
         w.raw(b"\n");
         if rng.chance(1, 2) {
