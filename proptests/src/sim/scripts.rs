@@ -390,7 +390,8 @@ pub(crate) fn client_script(rng: &mut Rng, ctx: &mut Ctx<'_>) -> (Vec<Action>, b
         if rng.chance(1, 4) {
             // Blank lines before the key line are skipped, never taken for it.
             for _ in 0..rng.range(1, 3) {
-                w.raw(rng.pick(&[&b"\n"[..], b" \r\n", b"\t\n"]));
+                let blanks: [&[u8]; 3] = [b"\n", b" \r\n", b"\t\n"];
+                w.raw(rng.pick(&blanks));
             }
         }
         w.raw(&line);
