@@ -391,7 +391,8 @@ pub(crate) fn client_script(rng: &mut Rng, ctx: &mut Ctx<'_>) -> (Vec<Action>, b
             // Blank lines before the key line are skipped, never taken for it.
             for _ in 0..rng.range(1, 3) {
                 let blanks: [&[u8]; 3] = [b"\n", b" \r\n", b"\t\n"];
-                w.raw(rng.pick(&blanks));
+                let blank = rng.pick::<&[u8]>(&blanks);
+                w.raw(blank);
             }
         }
         w.raw(&line);
