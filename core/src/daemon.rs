@@ -657,22 +657,23 @@ impl Daemon {
         } else {
             // Up to the end of the first non-blank line goes to the decoder (under the
             // auth cap); the rest waits for the verdict, which comes in this same step.
-            let mut rest = bytes;
-            while !rest.is_empty() {
-                let Some(i) = rest.iter().position(|&b| b == b'\n') else {
-                    c.auth_line_started |= !is_blank(rest);
-                    c.decoder.push(rest);
-                    break;
-                };
-                let ends_key_line = c.auth_line_started || !is_blank(&rest[..i]);
-                c.decoder.push(&rest[..=i]);
-                c.auth_line_started = false;
-                rest = &rest[i + 1..];
-                if ends_key_line {
-                    c.pre_auth.extend_from_slice(rest);
-                    break;
+            let mut key_line_end = None;
+            for (i, &b) in bytes.iter().enumerate() {
+                match b {
+                    b'\n' if c.auth_line_started => {
+                        key_line_end = Some(i + 1);
+                        break;
+                    }
+                    b'\n' | b' ' | b'\t' | b'\r' => {}
+                    _ => c.auth_line_started = true,
                 }
             }
+            let end = key_line_end.unwrap_or(bytes.len());
+            if key_line_end.is_some() {
+                c.auth_line_started = false;
+            }
+            c.decoder.push(&bytes[..end]);
+            c.pre_auth.extend_from_slice(&bytes[end..]);
         }
         self.process_lines(id);
     }
@@ -1531,11 +1532,6 @@ impl Daemon {
     fn log(&mut self, rec: Record) {
         self.outputs.push_back(Output::Activity(rec.finish()));
     }
-}
-
-/// Whether `bytes` hold only what the framing treats as blank.
-fn is_blank(bytes: &[u8]) -> bool {
-    bytes.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r'))
 }
 
 /// Appends `piece` as token frames no larger than `cap`: a piece too big for one frame
