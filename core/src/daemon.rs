@@ -358,6 +358,9 @@ struct Gen {
     content: String,
     utf8: Utf8Assembler,
     tokens_sent: u32,
+    /// When the client's side ended (hang-up, drop, drain deadline). Its `request_done`
+    /// waits for the engine's own account, which has the prompt's size.
+    cancelled_at: Option<Time>,
 }
 
 #[derive(Debug)]
@@ -989,6 +992,7 @@ impl Daemon {
                 admitted,
                 started: now,
                 first_token: None,
+                cancelled_at: None,
                 content: String::new(),
                 utf8: Utf8Assembler::new(),
                 tokens_sent: 0,
@@ -1052,21 +1056,10 @@ impl Daemon {
                 self.log(rec);
             }
             ReqPhase::Running(generation) => {
-                let Some(g) = self.gens.get(&generation) else { return };
+                let Some(g) = self.gens.get_mut(&generation) else { return };
                 let route = g.route;
-                let rec = self
-                    .record(Level::Info, "request_done")
-                    .str("req_id", &g.req_id)
-                    .str("backend", self.backend_name(route.backend))
-                    .str("stop_reason", StopReason::Cancelled.as_str())
-                    .num("completion_tokens", g.tokens_sent.into())
-                    .num("queued_ms", g.started.millis_since(g.admitted))
-                    .opt_num("ttft_ms", g.first_token.map(|t| t.millis_since(g.admitted)))
-                    .num("total_ms", now.millis_since(g.admitted));
-                self.log(rec);
-                if let Some(g) = self.gens.get_mut(&generation) {
-                    g.conn = None;
-                }
+                g.conn = None;
+                g.cancelled_at = Some(now);
                 self.outputs.push_back(Output::Cancel { generation });
                 self.router.report(route, Outcome::Neutral, now);
                 self.release_place();
@@ -1079,9 +1072,15 @@ impl Daemon {
     fn on_engine(&mut self, generation: GenId, event: EngineEvent) {
         let Some(g) = self.gens.get_mut(&generation) else { return };
         let Some(conn) = g.conn else {
-            // Cancelled: the place is already free; forget it once the engine is done.
-            if !matches!(event, EngineEvent::Token(_)) {
-                self.gens.remove(&generation);
+            // Cancelled: the place is already free; forget it once the engine is done,
+            // with the record its account completes.
+            let prompt_tokens = match &event {
+                EngineEvent::Token(_) => return,
+                EngineEvent::Done(c) => Some(c.usage.prompt_tokens),
+                EngineEvent::Failed(_) => None,
+            };
+            if let Some(g) = self.gens.remove(&generation) {
+                self.log_cancelled(&g, prompt_tokens);
             }
             return;
         };
@@ -1107,6 +1106,33 @@ impl Daemon {
             }
             EngineEvent::Done(done) => self.finish_gen(generation, conn, Ok(done)),
             EngineEvent::Failed(e) => self.finish_gen(generation, conn, Err(e)),
+        }
+    }
+
+    /// The `request_done` of a cancelled generation: what the client received, and the
+    /// prompt's size when the engine told it.
+    fn log_cancelled(&mut self, g: &Gen, prompt_tokens: Option<u32>) {
+        let Some(at) = g.cancelled_at else { return };
+        let rec = self
+            .record(Level::Info, "request_done")
+            .str("req_id", &g.req_id)
+            .str("backend", self.backend_name(g.route.backend))
+            .str("stop_reason", StopReason::Cancelled.as_str())
+            .opt_num("prompt_tokens", prompt_tokens.map(u64::from))
+            .num("completion_tokens", g.tokens_sent.into())
+            .num("queued_ms", g.started.millis_since(g.admitted))
+            .opt_num("ttft_ms", g.first_token.map(|t| t.millis_since(g.admitted)))
+            .num("total_ms", at.millis_since(g.admitted));
+        self.log(rec);
+    }
+
+    /// Forgets every generation (the daemon stops waiting for its engines); cancelled
+    /// ones get their record now, without the engine's account.
+    fn forget_gens(&mut self) {
+        let mut gens: Vec<(GenId, Gen)> = self.gens.drain().collect();
+        gens.sort_by_key(|(id, _)| *id);
+        for (_, g) in &gens {
+            self.log_cancelled(g, None);
         }
     }
 
@@ -1413,7 +1439,7 @@ impl Daemon {
                 for id in ids {
                     self.drop_conn(id);
                 }
-                self.gens.clear();
+                self.forget_gens();
                 self.exit_requested = true;
                 self.admin_flush_expired = true;
             }
@@ -1518,7 +1544,7 @@ impl Daemon {
         for generation in self.gens.keys().copied().collect::<Vec<_>>() {
             self.outputs.push_back(Output::Cancel { generation });
         }
-        self.gens.clear();
+        self.forget_gens();
         self.phase = Phase::Exited;
         self.outputs.push_back(Output::Exit { code, message });
     }

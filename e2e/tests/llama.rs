@@ -102,6 +102,9 @@ fn llama_cancel_mid_stream_frees_the_engine(shell: Shell) {
         .unwrap_or_else(|| panic!("no request_done for the cancelled request:\n{}", d.log_text()));
     assert_eq!(long["stop_reason"], "cancelled", "{long}");
     assert!(long["completion_tokens"].as_u64().unwrap_or(0) < 2000, "{long}");
+    // The engine's own account of the cancelled generation completes the record.
+    assert!(long["prompt_tokens"].as_u64().is_some_and(|n| n > 0), "{long}");
+    assert!(long["ttft_ms"].is_u64(), "{long}");
 }
 
 fn serve_llama(shell: Shell, tmp: &TempDir, model: &std::path::Path, extra: &[&str]) -> Output {

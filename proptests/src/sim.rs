@@ -1400,7 +1400,9 @@ impl Sim {
             if r.terminal || r.generation.is_none() {
                 continue;
             }
-            if r.cancel_record {
+            // Cancelled: its record waits for the engine's account.
+            if r.cancel_record || r.generation.is_some_and(|g| self.gens[&g].cancelled_at.is_some())
+            {
                 continue;
             }
             if r.end_record && in_flight {
@@ -1947,17 +1949,35 @@ impl Sim {
                 let queued =
                     v["queued_ms"].as_u64().unwrap_or_else(|| panic!("no queued_ms: {line}"));
                 assert!(total <= now, "total_ms reaches before the start of time: {line}");
-                let admitted = now - total;
+                let mut admitted = now - total;
                 let r = &mut self.reqs[n];
                 r.end_record = true;
                 if stop == "cancelled" {
                     assert!(!r.cancel_record, "two cancellation records for request {n}");
                     r.cancel_record = true;
-                    r.admitted_at = Some(admitted);
                     match r.generation {
                         Some(g) => {
+                            // Logged once the engine gave its account (or the daemon gave
+                            // up on it), timed to when the client's side ended.
                             let gen_ = &self.gens[&g];
+                            let cancelled = gen_.cancelled_at.unwrap_or_else(|| {
+                                panic!("a cancellation record for g{g} never cancelled: {line}")
+                            });
+                            assert!(
+                                gen_.end.is_some() || self.shutdown_at.is_some(),
+                                "the cancellation record of g{g} came before its engine's account: {line}"
+                            );
+                            assert!(total <= cancelled, "total_ms past the cancel: {line}");
+                            admitted = cancelled - total;
                             assert_eq!(queued, gen_.started_at - admitted, "queued_ms: {line}");
+                            if let Some(GenEnd::Done(c)) = &gen_.end {
+                                assert_eq!(
+                                    v["prompt_tokens"].as_u64(),
+                                    Some(u64::from(c.usage.prompt_tokens)),
+                                    "a cancelled request's record has the engine's prompt size: {line}"
+                                );
+                            }
+                            r.admitted_at = Some(admitted);
                         }
                         None => {
                             assert!(
@@ -1969,6 +1989,7 @@ impl Sim {
                                 "queued cancel: queued_ms != total_ms: {line}"
                             );
                             r.queued_cancel_at = Some(now);
+                            r.admitted_at = Some(admitted);
                             self.cov.queued_cancels += 1;
                         }
                     }

@@ -392,14 +392,42 @@ fn cancellation_while_streaming_cancels_and_frees() {
     h.line(b, &req("b"));
     let ga = h.last_start();
     h.token(ga, b"x");
+    h.advance(Duration::from_millis(40));
     h.input(Input::HungUp { conn: a });
     assert_eq!(h.cancels, vec![ga]);
     assert_eq!(h.starts.len(), 2, "b starts at once");
-    // The cancelled engine reports its end later; nothing is sent anywhere.
+    assert!(h.activity_of("request_done").is_empty(), "waits for the engine's account");
+    // The cancelled engine reports its end later; nothing is sent anywhere, and the
+    // record (issue 15#12) has the prompt's size and is timed to the hang-up.
+    h.advance(Duration::from_millis(500));
     h.done(ga, StopReason::Cancelled, 1);
     assert_eq!(h.d.generations_running(), 1);
     let rec = h.activity_of("request_done");
     assert_eq!(rec[0]["stop_reason"], "cancelled");
+    assert_eq!(rec[0]["prompt_tokens"], 5, "{}", rec[0]);
+    assert_eq!(rec[0]["completion_tokens"], 1, "{}", rec[0]);
+    assert_eq!(rec[0]["ttft_ms"], 0, "{}", rec[0]);
+    assert_eq!(rec[0]["total_ms"], 40, "{}", rec[0]);
+}
+
+/// An engine that never reports after a cancel still gets its request a record when the
+/// daemon stops waiting for it, without the prompt's size it never told.
+#[test]
+fn a_hung_cancelled_generation_is_recorded_at_exit() {
+    let mut c = cfg(&["mock"]);
+    c.drain_timeout = Duration::from_secs(1);
+    let mut h = H::ready(c);
+    let a = h.connect();
+    h.line(a, &req("hung"));
+    h.input(Input::HungUp { conn: a });
+    assert!(h.activity_of("request_done").is_empty());
+    h.input(Input::Shutdown);
+    h.advance(Duration::from_secs(5));
+    assert_eq!(h.exit.clone().unwrap().0, 0);
+    let rec = h.activity_of("request_done");
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0]["stop_reason"], "cancelled");
+    assert!(rec[0].get("prompt_tokens").is_none(), "{}", rec[0]);
 }
 
 #[test]
