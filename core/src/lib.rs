@@ -21,6 +21,7 @@ pub mod engine;
 pub mod framing;
 pub mod redact;
 pub mod router;
+pub mod stop;
 pub mod time;
 pub mod utf8;
 pub mod wire;
