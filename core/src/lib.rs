@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod framing;
+pub mod http;
 pub mod redact;
 pub mod router;
 pub mod stop;
