@@ -12,6 +12,8 @@
 //! those ending at the same byte, the longest (it starts earliest). That rule depends
 //! only on the text, never on how it was split into pieces.
 
+use crate::utf8::Utf8Assembler;
+
 /// Most stop sequences a request may give (OpenAI's limit).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 /// Longest stop sequence accepted, in bytes; bounds the text held back.
@@ -184,6 +186,51 @@ impl StopMatcher {
     }
 }
 
+/// Engine token bytes in, stop-filtered text out: reassembles UTF-8 characters split
+/// across tokens (so every piece handed on is valid UTF-8), then holds back what could
+/// start a stop sequence. What a streaming API sends as content deltas.
+#[derive(Debug)]
+pub struct TokenText {
+    utf8: Utf8Assembler,
+    stop: StopMatcher,
+    piece: String,
+}
+
+impl TokenText {
+    /// A filter ending the text at the first match of `stop`.
+    pub fn new(stop: StopMatcher) -> TokenText {
+        TokenText { utf8: Utf8Assembler::new(), stop, piece: String::new() }
+    }
+
+    /// Feeds one token's bytes; appends the text now safe to emit to `out`. Returns true
+    /// once a stop sequence matched: the generation should be cancelled, and the answer
+    /// ends with `finish_reason` `stop`.
+    pub fn push(&mut self, token: &[u8], out: &mut String) -> bool {
+        if self.stop.is_stopped() {
+            return true;
+        }
+        self.piece.clear();
+        self.utf8.push(token, &mut self.piece);
+        self.stop.push(&self.piece, out)
+    }
+
+    /// Ends the text: appends what was held back (an incomplete trailing character
+    /// becomes U+FFFD, as on protocol v1), unless a stop sequence matched.
+    pub fn finish(&mut self, out: &mut String) {
+        if !self.stop.is_stopped() {
+            self.piece.clear();
+            self.utf8.finish(&mut self.piece);
+            self.stop.push(&self.piece, out);
+        }
+        self.stop.finish(out);
+    }
+
+    /// Whether a stop sequence matched.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_stopped()
+    }
+}
+
 /// The automaton's transition: follow fail links until an edge for `b` exists.
 fn step(nodes: &[Node], mut state: u32, b: u8) -> u32 {
     loop {
@@ -330,5 +377,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn token_bytes_split_inside_characters() {
+        let text = "a🦀b STOP c";
+        let mut t = TokenText::new(StopMatcher::new(&["🦀b S", "zzz"]).unwrap());
+        let mut out = String::new();
+        let mut stopped = false;
+        for b in text.as_bytes() {
+            stopped = t.push(&[*b], &mut out);
+            if stopped {
+                break;
+            }
+        }
+        assert!(stopped && t.is_stopped());
+        t.finish(&mut out);
+        assert_eq!(out, "a");
+        assert!(t.push(b"more", &mut out));
+        assert_eq!(out, "a");
+
+        let mut t = TokenText::new(StopMatcher::new::<&str>(&[]).unwrap());
+        let mut out = String::new();
+        let crab = "🦀".as_bytes();
+        assert!(!t.push(&crab[..2], &mut out));
+        assert_eq!(out, "", "half a character is held back");
+        t.push(&crab[2..], &mut out);
+        assert_eq!(out, "🦀");
+        t.push(&crab[..1], &mut out);
+        t.finish(&mut out);
+        assert_eq!(out, "🦀\u{fffd}");
     }
 }
