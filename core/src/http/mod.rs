@@ -5,5 +5,6 @@
 //! Like the NDJSON framing, none of it does IO or reads a clock: bytes, ids and times
 //! come in as arguments and bytes go out into caller-owned buffers.
 
+pub mod openai;
 pub mod request;
 pub mod response;
