@@ -167,7 +167,7 @@ pub enum Event {
 enum State {
     /// Waiting for a complete head.
     Head,
-    /// Waiting for `remaining` more body bytes, counted from `start`.
+    /// Waiting for a body of `length` bytes, starting at `start`.
     Body { length: usize },
     /// The request is out; waiting for the caller to answer it.
     Answering,
@@ -242,7 +242,8 @@ impl RequestReader {
     }
 
     /// Whether part of a request has arrived and the rest has not (the read timeout
-    /// applies). Blank lines between requests do not count.
+    /// applies). Blank lines between requests do not count; `poll` skips them, so after
+    /// a `poll` the scan below stops at the first byte.
     pub fn has_partial(&self) -> bool {
         match self.state {
             State::Head => self.buf[self.start..].iter().any(|b| !matches!(b, b'\r' | b'\n')),

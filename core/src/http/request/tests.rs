@@ -302,3 +302,21 @@ fn buffer_does_not_grow_across_many_keep_alive_requests() {
     }
     assert!(r.buf.capacity() <= 4 * req.len(), "capacity {}", r.buf.capacity());
 }
+
+#[test]
+fn a_trickled_head_is_scanned_once() {
+    // Each poll looks at the new bytes only: the scan position always ends at the end
+    // of the buffer, and the next scan starts there.
+    let mut r = reader();
+    let req = [b"GET / HTTP/1.1\r\n".as_slice(), &b"X-Slow: 1\r\n".repeat(50), b"\r\n"].concat();
+    for (i, b) in req.iter().enumerate() {
+        r.push(&[*b]);
+        let ev = r.poll();
+        if i + 1 < req.len() {
+            assert_eq!(ev, None);
+            assert_eq!(r.scanned, r.buf.len(), "after byte {i}");
+        } else {
+            assert_eq!(head(ev).path, "/");
+        }
+    }
+}
