@@ -145,10 +145,10 @@ pub fn write_chunked_head(out: &mut Vec<u8>, head: &ResponseHead<'_>) {
     out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
 }
 
-fn write_hex(out: &mut Vec<u8>, n: usize) {
+/// Writes `n` in lowercase hex at the end of the first 16 bytes of `buf`; returns them.
+fn hex_digits(n: usize, buf: &mut [u8; 18]) -> &[u8] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 16];
-    let mut i = buf.len();
+    let mut i = 16;
     let mut n = n;
     loop {
         i -= 1;
@@ -158,7 +158,12 @@ fn write_hex(out: &mut Vec<u8>, n: usize) {
             break;
         }
     }
-    out.extend_from_slice(&buf[i..]);
+    &buf[i..16]
+}
+
+fn write_hex(out: &mut Vec<u8>, n: usize) {
+    let mut buf = [0u8; 18];
+    out.extend_from_slice(hex_digits(n, &mut buf));
 }
 
 /// Appends one chunk carrying `data`. Empty data writes nothing: an empty chunk would
@@ -188,10 +193,12 @@ pub fn write_sse_chunk(out: &mut Vec<u8>, write_data: impl FnOnce(&mut Vec<u8>))
     write_data(out);
     out.extend_from_slice(b"\n\n");
     let len = out.len() - start;
-    let mut prefix = Vec::with_capacity(18);
-    write_hex(&mut prefix, len);
-    prefix.extend_from_slice(b"\r\n");
-    out.splice(start..start, prefix);
+    let mut prefix = [0u8; 18];
+    let digits = hex_digits(len, &mut prefix);
+    let n = digits.len();
+    prefix.copy_within(16 - n..16, 0);
+    prefix[n..n + 2].copy_from_slice(b"\r\n");
+    out.splice(start..start, prefix[..n + 2].iter().copied());
     out.extend_from_slice(b"\r\n");
 }
 
