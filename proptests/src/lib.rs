@@ -39,11 +39,16 @@ fn drain_lines(dec: &mut LineDecoder, out: &mut Vec<RefLine>) -> bool {
     false
 }
 
+/// Most work the decoder may do per byte pushed (see `LineDecoder::work`).
+pub const LINE_DECODER_WORK_PER_BYTE: u64 = 6;
+
 /// Feeds `stream` to a [`LineDecoder`] with cap `cap` in the chunks `cuts` describes
 /// (chunk length, whether to take the available lines after it), and checks it against
-/// the reference splitter: the same lines for any chunking, never more than `cap + 1`
-/// bytes of an unfinished line held once the available lines are taken, and
-/// `has_partial` telling the truth. Panics on a difference.
+/// the reference splitter: the same lines for any chunking; an oversize line reported
+/// as soon as it is known to be over, not before; never more than `cap + 1` bytes of an
+/// unfinished line held once the available lines are taken (the last of them a CR when
+/// `cap + 1`); `has_partial` telling the truth; and work linear in the bytes pushed.
+/// Panics on a difference.
 pub fn check_line_decoder(stream: &[u8], cap: usize, cuts: &[(usize, bool)]) {
     let mut dec = LineDecoder::new(cap);
     let mut got = Vec::new();
@@ -58,11 +63,17 @@ pub fn check_line_decoder(stream: &[u8], cap: usize, cuts: &[(usize, bool)]) {
         pos = end;
         if take || pos == stream.len() {
             stopped = drain_lines(&mut dec, &mut got);
+            let known = overflow_at.is_some_and(|at| pos >= at);
+            assert_eq!(stopped, known, "TooLarge after {pos} bytes (known at {overflow_at:?})");
             if !stopped {
+                let held = dec.buffered();
                 assert!(
-                    dec.buffered() <= cap + 1,
-                    "decoder holds {} bytes of an unfinished line (cap {cap})",
-                    dec.buffered()
+                    held <= cap + 1,
+                    "decoder holds {held} bytes of an unfinished line (cap {cap})"
+                );
+                assert!(
+                    held <= cap || stream[pos - 1] == b'\r',
+                    "decoder holds cap + 1 bytes not ending in CR (cap {cap})"
                 );
                 assert_eq!(
                     dec.has_partial(),
@@ -71,6 +82,11 @@ pub fn check_line_decoder(stream: &[u8], cap: usize, cuts: &[(usize, bool)]) {
                 );
             }
         }
+        assert!(
+            dec.work() <= LINE_DECODER_WORK_PER_BYTE * pos as u64,
+            "decoder did {} units of work for {pos} bytes",
+            dec.work()
+        );
     }
     if !stopped {
         drain_lines(&mut dec, &mut got);
