@@ -1,6 +1,8 @@
 //! Microbenchmarks of the sans-IO core, std only (no harness):
 //!
 //! - `decode_request`: one small request line through `wire::decode_request`;
+//! - `decode_large`: one request line with 64 KiB of mixed ASCII and multi-byte text
+//!   (where a check of the whole line's UTF-8 would show);
 //! - `small_request`: one whole one-token request through the `Daemon` on a connection
 //!   accepted once (`Received` → outputs → one `Token` → `Done` → outputs → `Flushed`);
 //! - `stream_token`: 10,000 tokens of about 4 bytes streamed to one connection, flushed
@@ -112,6 +114,27 @@ fn bench_decode(iters: u32) -> f64 {
     start.elapsed().as_nanos() as f64 / f64::from(iters)
 }
 
+/// A request whose content is about 64 KiB of text, a quarter of it multi-byte.
+fn large_line() -> Vec<u8> {
+    let content = "plain ascii words and some accents é à ü, a crab 🦀 ".repeat(1200);
+    let req = serde_json::json!({
+        "id": "big",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 16,
+    });
+    serde_json::to_vec(&req).expect("a JSON value encodes")
+}
+
+/// ns per decoded large request line, over `iters` lines.
+fn bench_decode_large(line: &[u8], iters: u32) -> f64 {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let r = wire::decode_request(black_box(line));
+        black_box(r.expect("line decodes"));
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(iters)
+}
+
 /// ns of core time per whole one-token request, over `iters` requests.
 fn bench_small_request(iters: u32) -> f64 {
     let mut clock = Clock(0);
@@ -207,6 +230,11 @@ fn main() {
 
     let s = rounds(n_rounds, || bench_decode(decode_iters));
     report("decode_request", "request", &s, None);
+
+    let large = large_line();
+    let s = rounds(n_rounds, || bench_decode_large(&large, decode_iters / 100));
+    report("decode_large", "request", &s, None);
+    println!("                ({} bytes a line)", large.len());
 
     let s = rounds(n_rounds, || bench_small_request(request_iters));
     report("small_request", "request", &s, Some(TARGET_REQUEST_NS));
