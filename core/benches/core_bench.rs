@@ -2,7 +2,8 @@
 //!
 //! - `decode_request`: one small request line through `wire::decode_request`;
 //! - `decode_large`: one request line with 64 KiB of mixed ASCII and multi-byte text
-//!   (where a check of the whole line's UTF-8 would show);
+//!   (where a check of the whole line's UTF-8 would show), and beside it the cost of
+//!   that check alone (`std::str::from_utf8` over the line) as a share of the decode;
 //! - `small_request`: one whole one-token request through the `Daemon` on a connection
 //!   accepted once (`Received` → outputs → one `Token` → `Done` → outputs → `Flushed`);
 //! - `stream_token`: 10,000 tokens of about 4 bytes streamed to one connection, flushed
@@ -234,7 +235,21 @@ fn main() {
     let large = large_line();
     let s = rounds(n_rounds, || bench_decode_large(&large, decode_iters / 100));
     report("decode_large", "request", &s, None);
-    println!("                ({} bytes a line)", large.len());
+    let decode_ns = s.median;
+    let s = rounds(n_rounds, || {
+        let iters = decode_iters / 10;
+        let start = Instant::now();
+        for _ in 0..iters {
+            black_box(std::str::from_utf8(black_box(&large)).is_ok());
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(iters)
+    });
+    report("utf8_check", "request", &s, None);
+    println!(
+        "                ({} bytes a line; the UTF-8 check is {:.1}% of decode_large)",
+        large.len(),
+        100.0 * s.median / decode_ns
+    );
 
     let s = rounds(n_rounds, || bench_small_request(request_iters));
     report("small_request", "request", &s, Some(TARGET_REQUEST_NS));

@@ -1262,3 +1262,19 @@ fn cap_plus_one_bytes_ending_in_cr_wait_for_the_lf() {
     assert_eq!(h.error_code(other), Some(ErrorCode::FrameTooLarge));
     assert!(!h.is_open(other));
 }
+
+#[test]
+fn invalid_utf8_in_an_unknown_field_is_undecodable_and_closes() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    let mut line = br#"{"id":"u","messages":[{"role":"user","content":"hi"}],"x":""#.to_vec();
+    line.extend_from_slice(b"\xff\"}\n");
+    assert!(h.credits.remove(&c));
+    h.input(Input::Received { conn: c, bytes: &line });
+    match &h.frames(c)[..] {
+        [Frame::Error { id, code: ErrorCode::InvalidRequest, .. }] => assert_eq!(id, ""),
+        other => panic!("{other:?}"),
+    }
+    assert!(!h.is_open(c), "an undecodable line closes the connection");
+    assert!(h.starts.is_empty(), "nothing is generated for it");
+}
