@@ -4,6 +4,10 @@
 //! - `decode_large`: one request line with 64 KiB of mixed ASCII and multi-byte text
 //!   (where a check of the whole line's UTF-8 would show), and beside it the cost of
 //!   that check alone (`std::str::from_utf8` over the line) as a share of the decode;
+//! - `redact_hostile`: `redact::redact` on texts built to make a scanner go quadratic
+//!   (runs of key prefixes, `eyJ=` chains, PEM headers, URL starts), as ns per byte
+//!   against plain text of the same size, at 64 KiB and at 512 KiB: a linear pass keeps
+//!   both ratios alike (a quadratic one would grow eightfold);
 //! - `small_request`: one whole one-token request through the `Daemon` on a connection
 //!   accepted once (`Received` → outputs → one `Token` → `Done` → outputs → `Flushed`);
 //! - `stream_token`: 10,000 tokens of about 4 bytes streamed to one connection, flushed
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 use inferd_core::config::DaemonConfig;
 use inferd_core::daemon::{ListenerKind, Peer, Transport};
 use inferd_core::engine::{Capabilities, Completion, EngineEvent};
+use inferd_core::redact::redact;
 use inferd_core::wire::{self, StopReason, Usage};
 use inferd_core::{ConnId, Daemon, GenId, Input, Output, Time};
 
@@ -136,6 +141,50 @@ fn bench_decode_large(line: &[u8], iters: u32) -> f64 {
     start.elapsed().as_nanos() as f64 / f64::from(iters)
 }
 
+/// Texts built to defeat a redaction scanner, by name.
+const HOSTILE: [(&str, &str); 8] = [
+    ("sk- prefixes", "sk-"),
+    ("glued sk-", "xsk-"),
+    ("short sk- keys", " sk-abc1"),
+    ("eyJ= chains", "eyJ="),
+    ("PEM headers", "-----BEGIN "),
+    ("URL starts", "a://b:c"),
+    ("key separators", "password :"),
+    ("bearer words", "bearer "),
+];
+
+/// ns per byte of `redact` over `text`, best of a few passes.
+fn redact_ns_per_byte(text: &str) -> f64 {
+    let passes = (4 << 20) / text.len().max(1) + 1;
+    let start = Instant::now();
+    for _ in 0..passes {
+        black_box(redact(black_box(text)));
+    }
+    start.elapsed().as_nanos() as f64 / (passes * text.len()) as f64
+}
+
+/// `redact_hostile`: per pattern, the ns per byte relative to plain text, at two sizes.
+fn bench_redact_hostile(n_rounds: usize) {
+    let sizes = [64 << 10, 512 << 10];
+    let fill = |unit: &str, n: usize| unit.repeat(n / unit.len() + 1)[..n].to_owned();
+    let plain: Vec<String> = sizes.iter().map(|&n| fill("plain text: words. ", n)).collect();
+    println!("redact_hostile  ns/byte over plain text of the same size, at 64 KiB and 512 KiB");
+    for (name, unit) in HOSTILE {
+        let mut ratios = Vec::new();
+        for (k, &n) in sizes.iter().enumerate() {
+            let text = fill(unit, n);
+            let s = rounds(n_rounds, || redact_ns_per_byte(&text) / redact_ns_per_byte(&plain[k]));
+            ratios.push(s.median);
+        }
+        println!(
+            "                {name:<15} {:>6.2}x  {:>6.2}x  (growth {:.2}; 8 would be quadratic)",
+            ratios[0],
+            ratios[1],
+            ratios[1] / ratios[0]
+        );
+    }
+}
+
 /// ns of core time per whole one-token request, over `iters` requests.
 fn bench_small_request(iters: u32) -> f64 {
     let mut clock = Clock(0);
@@ -250,6 +299,8 @@ fn main() {
         large.len(),
         100.0 * s.median / decode_ns
     );
+
+    bench_redact_hostile(n_rounds.min(5));
 
     let s = rounds(n_rounds, || bench_small_request(request_iters));
     report("small_request", "request", &s, Some(TARGET_REQUEST_NS));
