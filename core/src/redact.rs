@@ -90,7 +90,7 @@ pub fn redact(s: &str) -> Cow<'_, str> {
                 .or_else(|| match b[i] {
                     b'=' => key_value(b, i),
                     b':' => url_userinfo(b, i).or_else(|| key_value(b, i)),
-                    b'-' => pem_private_key(b, i),
+                    b'P' => pem_private_key(b, i),
                     _ => None,
                 });
         match span {
@@ -242,22 +242,27 @@ fn url_userinfo(b: &[u8], sep: usize) -> Option<(usize, usize)> {
     (start + colon + 1 < at).then_some((start, at))
 }
 
-/// `-----BEGIN … PRIVATE KEY-----` at `i`: the block's body up to its `-----END`, or to
-/// the end of the text when cut off (a truncated key is still a key).
+/// `-----BEGIN … PRIVATE KEY-----` whose `PRIVATE KEY-----` is at `i`: the block's body
+/// up to its `-----END`, or to the end of the text when cut off (a truncated key is
+/// still a key). Found from the end of the header, looking back a bounded way for its
+/// start: a rule that masked `-----BEGIN` as the value of something before it (as in
+/// `Bearer -----BEGIN …`) must not hide the body.
 fn pem_private_key(b: &[u8], i: usize) -> Option<(usize, usize)> {
     const BEGIN: &[u8] = b"-----BEGIN ";
+    const HEADER_END: &[u8] = b"PRIVATE KEY-----";
     const DASHES: &[u8] = b"-----";
     const END: &[u8] = b"-----END ";
-    if !b[i..].starts_with(BEGIN) {
+    if !b[i..].starts_with(HEADER_END) {
         return None;
     }
-    let label_start = i + BEGIN.len();
-    let look = &b[label_start..b.len().min(label_start + PEM_LABEL_MAX + DASHES.len())];
-    let label_len = look.windows(DASHES.len()).position(|w| w == DASHES)?;
-    if !look[..label_len].ends_with(b"PRIVATE KEY") {
+    let back = &b[i.saturating_sub(PEM_LABEL_MAX + BEGIN.len())..i];
+    let begin = back.windows(BEGIN.len()).rposition(|w| w == BEGIN)?;
+    // The same header: no `-----` between its start and here (the `PRIVATE KEY-----`
+    // of an `-----END` line looks back at its own block's `-----BEGIN`).
+    if back[begin + BEGIN.len()..].windows(DASHES.len()).any(|w| w == DASHES) {
         return None;
     }
-    let body = label_start + label_len + DASHES.len();
+    let body = i + HEADER_END.len();
     let end = b[body..].windows(END.len()).position(|w| w == END).map_or(b.len(), |p| body + p);
     Some((body, end))
 }
@@ -320,8 +325,14 @@ fn key_value(b: &[u8], sep: usize) -> Option<(usize, usize)> {
     }
     let start = v;
     let mut end = start;
-    if is_auth {
-        // `Authorization: Basic xyz`: mask the scheme's credential too.
+    let scheme_word = |w: &[u8]| {
+        b.len() > start + w.len()
+            && b[start..start + w.len()].eq_ignore_ascii_case(w)
+            && b[start + w.len()] == b' '
+    };
+    if is_auth || scheme_word(b"bearer") || scheme_word(b"basic") {
+        // `Authorization: Basic xyz`, `token: Bearer xyz`: mask the scheme's credential
+        // too (masking the scheme word alone would skip the credential).
         while end < b.len() && b[end].is_ascii_alphabetic() {
             end += 1;
         }
@@ -387,6 +398,8 @@ mod tests {
         assert_eq!(r("Authorization: Bearer abcdefghijkl"), "Authorization: [REDACTED]");
         assert_eq!(r("authorization=Basic dXNlcjpwYXNz"), "authorization=[REDACTED]");
         assert_eq!(r("send bearer abcdefghijkl now"), "send bearer [REDACTED] now");
+        assert_eq!(r("password: Bearer abcdefgh1234"), "password: [REDACTED]");
+        assert_eq!(r("token=basic dXNlcjpwYXNz x"), "token=[REDACTED] x");
     }
 
     #[test]
@@ -597,6 +610,11 @@ mod tests {
         assert_eq!(
             r("x -----BEGIN EC PRIVATE KEY-----\nMHcCAQ and more"),
             "x -----BEGIN EC PRIVATE KEY-----[REDACTED]"
+        );
+        // The header's start eaten by another rule does not hide the body.
+        assert_eq!(
+            r("Bearer -----BEGIN RSA PRIVATE KEY-----\nMIIsecret\n-----END RSA PRIVATE KEY-----"),
+            "Bearer [REDACTED] RSA PRIVATE KEY-----[REDACTED]-----END RSA PRIVATE KEY-----"
         );
         let long_label = format!("-----BEGIN {} PRIVATE KEY-----x", "A".repeat(PEM_LABEL_MAX));
         assert_eq!(r(&long_label), long_label, "label over the limit");

@@ -19,6 +19,7 @@ use inferd_core::admin::{self, AdminState, StatsEvent};
 use inferd_core::config::Settings;
 use inferd_core::engine::{Capabilities, LoadPhase};
 use inferd_core::framing::{Line, LineDecoder};
+use inferd_core::redact::{MASK, redact};
 use inferd_core::wire::{self, DecodeError, DoneFrame, Frame, Request};
 use serde_json::{Map, Value, json};
 
@@ -166,6 +167,58 @@ pub fn check_decoded_request(line: &[u8]) {
         }
         Err(DecodeError::Invalid { .. }) => {}
     }
+    // Spec §2: invalid UTF-8 anywhere in the line (an ignored value, a key) makes it
+    // undecodable, not merely invalid, and certainly not accepted.
+    if std::str::from_utf8(line).is_err() {
+        assert!(
+            matches!(wire::decode_request(line), Err(DecodeError::Undecodable { .. })),
+            "a line with invalid UTF-8 was not undecodable: {:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+/// Secrets of each shape `redact` knows, each with the part that must not survive.
+pub const PLANTED_SECRETS: &[(&str, &str)] = &[
+    ("sk-proj-AbC123dEf456GhI789jKl0", "AbC123dEf456GhI789jKl0"),
+    ("sk-abc123def456", "abc123def456"),
+    ("mysk-proj-AbC123dEf456GhI789jKl0", "AbC123dEf456GhI789jKl0"),
+    ("hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456", "AbCdEfGhIjKlMnOpQrStUvWxYz0123456"),
+    ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "abcdefghijklmnopqrstuvwxyz0123456789"),
+    ("AKIAIOSFODNN7EXAMPLE", "IOSFODNN7EXAMPLE"),
+    ("https://user:hunter2pw@example.com/x", "hunter2pw"),
+    ("password=hunter2pw", "hunter2pw"),
+    ("Bearer abcdefgh12345678", "abcdefgh12345678"),
+    (
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIsecretPEMbody\n-----END RSA PRIVATE KEY-----",
+        "MIIsecretPEMbody",
+    ),
+];
+
+/// Checks `redact` on `text`: unchanged text is borrowed, changed text carries the mask,
+/// and a secret of every known shape planted in the text (between spaces, at its start,
+/// middle and end) does not survive, whatever the text around it. Panics on a failure.
+pub fn check_redact(text: &str) {
+    let out = redact(text);
+    if let std::borrow::Cow::Owned(o) = &out {
+        assert!(o.contains(MASK), "changed without a mask: {text:?} -> {o:?}");
+    }
+    let middle = (0..=text.len() / 2).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    for &(secret, part) in PLANTED_SECRETS {
+        let before = text.matches(part).count();
+        for at in [0, middle, text.len()] {
+            let planted = format!("{} {secret} {}", &text[..at], &text[at..]);
+            let out = redact(&planted);
+            let after = out.matches(part).count();
+            assert!(after <= before, "{secret:?} survived in {planted:?}: {out:?}",);
+        }
+    }
+}
+
+/// Fuzz entry: redaction of arbitrary text (invalid UTF-8 is read lossily).
+#[doc(hidden)]
+pub fn fuzz_redact(data: &[u8]) {
+    check_redact(&String::from_utf8_lossy(data));
 }
 
 /// Fuzz entry: the request decoder on arbitrary bytes.

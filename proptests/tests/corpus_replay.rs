@@ -11,6 +11,7 @@ const TARGETS: &[(&str, Check)] = &[
     ("config_parser", inferd_proptests::fuzz_config_parser),
     ("admin_frames", inferd_proptests::fuzz_admin_frames),
     ("daemon", inferd_proptests::fuzz_daemon),
+    ("redact", inferd_proptests::fuzz_redact),
 ];
 
 fn inputs(target: &str) -> Vec<PathBuf> {
@@ -72,6 +73,11 @@ fn admin_frames() {
 #[test]
 fn daemon() {
     replay(TARGETS[4].0, TARGETS[4].1);
+}
+
+#[test]
+fn redact() {
+    replay(TARGETS[5].0, TARGETS[5].1);
 }
 
 #[test]
