@@ -1,6 +1,13 @@
 //! Microbenchmarks of the sans-IO core, std only (no harness):
 //!
 //! - `decode_request`: one small request line through `wire::decode_request`;
+//! - `decode_large`: one request line with 64 KiB of mixed ASCII and multi-byte text
+//!   (where a check of the whole line's UTF-8 would show), and beside it the cost of
+//!   that check alone (`std::str::from_utf8` over the line) as a share of the decode;
+//! - `redact_hostile`: `redact::redact` on texts built to make a scanner go quadratic
+//!   (runs of key prefixes, `eyJ=` chains, PEM headers, URL starts), as ns per byte
+//!   against plain text of the same size, at 64 KiB and at 512 KiB: a linear pass keeps
+//!   both ratios alike (a quadratic one would grow eightfold);
 //! - `small_request`: one whole one-token request through the `Daemon` on a connection
 //!   accepted once (`Received` → outputs → one `Token` → `Done` → outputs → `Flushed`);
 //! - `stream_token`: 10,000 tokens of about 4 bytes streamed to one connection, flushed
@@ -15,6 +22,7 @@ use std::time::{Duration, Instant};
 use inferd_core::config::DaemonConfig;
 use inferd_core::daemon::{ListenerKind, Peer, Transport};
 use inferd_core::engine::{Capabilities, Completion, EngineEvent};
+use inferd_core::redact::redact;
 use inferd_core::wire::{self, StopReason, Usage};
 use inferd_core::{ConnId, Daemon, GenId, Input, Output, Time};
 
@@ -112,6 +120,71 @@ fn bench_decode(iters: u32) -> f64 {
     start.elapsed().as_nanos() as f64 / f64::from(iters)
 }
 
+/// A request whose content is about 64 KiB of text, a quarter of it multi-byte.
+fn large_line() -> Vec<u8> {
+    let content = "plain ascii words and some accents é à ü, a crab 🦀 ".repeat(1200);
+    let req = serde_json::json!({
+        "id": "big",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 16,
+    });
+    serde_json::to_vec(&req).expect("a JSON value encodes")
+}
+
+/// ns per decoded large request line, over `iters` lines.
+fn bench_decode_large(line: &[u8], iters: u32) -> f64 {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let r = wire::decode_request(black_box(line));
+        black_box(r.expect("line decodes"));
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(iters)
+}
+
+/// Texts built to defeat a redaction scanner, by name.
+const HOSTILE: [(&str, &str); 8] = [
+    ("sk- prefixes", "sk-"),
+    ("glued sk-", "xsk-"),
+    ("short sk- keys", " sk-abc1"),
+    ("eyJ= chains", "eyJ="),
+    ("PEM headers", "-----BEGIN "),
+    ("URL starts", "a://b:c"),
+    ("key separators", "password :"),
+    ("bearer words", "bearer "),
+];
+
+/// ns per byte of `redact` over `text`, best of a few passes.
+fn redact_ns_per_byte(text: &str) -> f64 {
+    let passes = (4 << 20) / text.len().max(1) + 1;
+    let start = Instant::now();
+    for _ in 0..passes {
+        black_box(redact(black_box(text)));
+    }
+    start.elapsed().as_nanos() as f64 / (passes * text.len()) as f64
+}
+
+/// `redact_hostile`: per pattern, the ns per byte relative to plain text, at two sizes.
+fn bench_redact_hostile(n_rounds: usize) {
+    let sizes = [64 << 10, 512 << 10];
+    let fill = |unit: &str, n: usize| unit.repeat(n / unit.len() + 1)[..n].to_owned();
+    let plain: Vec<String> = sizes.iter().map(|&n| fill("plain text: words. ", n)).collect();
+    println!("redact_hostile  ns/byte over plain text of the same size, at 64 KiB and 512 KiB");
+    for (name, unit) in HOSTILE {
+        let mut ratios = Vec::new();
+        for (k, &n) in sizes.iter().enumerate() {
+            let text = fill(unit, n);
+            let s = rounds(n_rounds, || redact_ns_per_byte(&text) / redact_ns_per_byte(&plain[k]));
+            ratios.push(s.median);
+        }
+        println!(
+            "                {name:<15} {:>6.2}x  {:>6.2}x  (growth {:.2}; 8 would be quadratic)",
+            ratios[0],
+            ratios[1],
+            ratios[1] / ratios[0]
+        );
+    }
+}
+
 /// ns of core time per whole one-token request, over `iters` requests.
 fn bench_small_request(iters: u32) -> f64 {
     let mut clock = Clock(0);
@@ -207,6 +280,27 @@ fn main() {
 
     let s = rounds(n_rounds, || bench_decode(decode_iters));
     report("decode_request", "request", &s, None);
+
+    let large = large_line();
+    let s = rounds(n_rounds, || bench_decode_large(&large, decode_iters / 100));
+    report("decode_large", "request", &s, None);
+    let decode_ns = s.median;
+    let s = rounds(n_rounds, || {
+        let iters = decode_iters / 10;
+        let start = Instant::now();
+        for _ in 0..iters {
+            black_box(std::str::from_utf8(black_box(&large)).is_ok());
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(iters)
+    });
+    report("utf8_check", "request", &s, None);
+    println!(
+        "                ({} bytes a line; the UTF-8 check is {:.1}% of decode_large)",
+        large.len(),
+        100.0 * s.median / decode_ns
+    );
+
+    bench_redact_hostile(n_rounds.min(5));
 
     let s = rounds(n_rounds, || bench_small_request(request_iters));
     report("small_request", "request", &s, Some(TARGET_REQUEST_NS));

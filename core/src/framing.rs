@@ -4,6 +4,11 @@
 //! lines (LF removed, a CR before it tolerated, blank lines skipped) and checks the cap
 //! as bytes arrive, so memory per connection stays bounded by the cap however the
 //! bytes are split. Bytes after a line stay buffered for the next one.
+//!
+//! Every call costs time in proportion to the bytes it is given or hands out, never to
+//! what is already buffered: a peer streaming a huge line in small pieces must not make
+//! each read rescan the line so far. [`LineDecoder::work`] counts what was examined, so
+//! tests and fuzzers can hold the decoder to that.
 
 /// Default frame cap: 64 MiB (spec §1).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -29,12 +34,22 @@ pub struct LineDecoder {
     tail_start: usize,
     cap: usize,
     overflow: bool,
+    /// Bytes examined, copied or moved so far (see [`LineDecoder::work`]).
+    work: u64,
 }
 
 impl LineDecoder {
     /// A decoder accepting lines of at most `cap` bytes (LF and a trailing CR excluded).
     pub fn new(cap: usize) -> Self {
-        LineDecoder { buf: Vec::new(), start: 0, scanned: 0, tail_start: 0, cap, overflow: false }
+        LineDecoder {
+            buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            tail_start: 0,
+            cap,
+            overflow: false,
+            work: 0,
+        }
     }
 
     /// Changes the cap for lines not yet complete (an authenticated TCP peer moves from
@@ -43,37 +58,54 @@ impl LineDecoder {
         self.cap = cap;
     }
 
-    /// Appends bytes read from the transport. Never keeps more than the cap (plus a CR)
-    /// of an unfinished line: past that, the line is dropped and [`Line::TooLarge`]
-    /// comes out once the lines before it are taken.
+    /// Appends bytes read from the transport. Never keeps an unfinished line once it is
+    /// known to be over the cap: past `cap` bytes only a CR (which an LF after it would
+    /// strip) may wait, so `cap + 1` bytes not ending in CR, or `cap + 2` bytes, drop the
+    /// line, and [`Line::TooLarge`] comes out once the lines before it are taken.
     pub fn push(&mut self, mut data: &[u8]) {
         if self.overflow {
             return;
         }
         self.compact();
         while !data.is_empty() {
+            let held = self.buf.len() - self.tail_start;
             // Allow one byte over the cap: a CR that the LF after it will strip.
-            let room = (self.cap + 1).saturating_sub(self.buf.len() - self.tail_start);
-            match data.iter().position(|&b| b == b'\n') {
-                Some(i) if i <= room => {
+            let room = (self.cap + 1).saturating_sub(held);
+            // An LF further away than `room + 1` could not end an acceptable line, so the
+            // search never looks past that: the cost follows what is kept.
+            let window = &data[..data.len().min(room + 1)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.work += 2 * (i as u64 + 1);
                     self.buf.extend_from_slice(&data[..=i]);
                     self.tail_start = self.buf.len();
                     data = &data[i + 1..];
                 }
-                _ if data.len() <= room => {
+                None if data.len() <= room => {
+                    self.work += 2 * data.len() as u64;
                     self.buf.extend_from_slice(data);
+                    let over_by_a_non_cr =
+                        held + data.len() == self.cap + 1 && data.last() != Some(&b'\r');
+                    if over_by_a_non_cr {
+                        self.drop_tail();
+                    }
                     return;
                 }
-                _ => {
-                    // The unfinished line outgrows the cap: keep the lines before it only.
-                    self.buf.truncate(self.tail_start);
-                    // What was scanned of the dropped line is gone too.
-                    self.scanned = 0;
-                    self.overflow = true;
+                None => {
+                    self.work += window.len() as u64;
+                    self.drop_tail();
                     return;
                 }
             }
         }
+    }
+
+    /// The unfinished line outgrew the cap: keeps the lines before it only.
+    fn drop_tail(&mut self) {
+        self.buf.truncate(self.tail_start);
+        // What was scanned of the dropped line is gone too.
+        self.scanned = self.scanned.min(self.buf.len() - self.start);
+        self.overflow = true;
     }
 
     /// The next complete non-blank line, or `TooLarge` once the lines before an oversize
@@ -82,12 +114,14 @@ impl LineDecoder {
         loop {
             let rest = &self.buf[self.start..];
             let Some(rel) = rest[self.scanned..].iter().position(|&b| b == b'\n') else {
+                self.work += (rest.len() - self.scanned) as u64;
                 self.scanned = rest.len();
                 if self.overflow && self.start == self.buf.len() {
                     return Some(Line::TooLarge);
                 }
                 return None;
             };
+            self.work += rel as u64 + 1;
             let end = self.start + self.scanned + rel;
             let line_start = self.start;
             self.start = end + 1;
@@ -105,6 +139,7 @@ impl LineDecoder {
                 self.overflow = true;
                 return Some(Line::TooLarge);
             }
+            self.work += line.len() as u64;
             if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
                 continue;
             }
@@ -112,10 +147,10 @@ impl LineDecoder {
         }
     }
 
-    /// Whether bytes of an unfinished, non-blank line are buffered.
+    /// Whether bytes of an unfinished line are buffered, blank ones included (a line of
+    /// spaces is still a line the peer has to finish), or an oversize line is pending.
     pub fn has_partial(&self) -> bool {
-        self.buf[self.start..].iter().any(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
-            || self.overflow
+        self.buf.len() > self.tail_start || self.overflow
     }
 
     /// Bytes buffered and not yet handed out.
@@ -128,20 +163,34 @@ impl LineDecoder {
         self.tail_start > self.start || (self.overflow && self.start == self.buf.len())
     }
 
+    /// Bytes examined, copied or moved since the decoder was made. Stays within a small
+    /// multiple of the bytes pushed whatever the chunking: the measure tests and fuzzers
+    /// use to catch work that grows with what is buffered (wall time would be flaky).
+    pub fn work(&self) -> u64 {
+        self.work
+    }
+
     fn compact(&mut self) {
         if self.start == 0 {
             return;
         }
-        if self.start == self.buf.len() {
+        let kept = self.buf.len() - self.start;
+        if kept == 0 {
             self.buf.clear();
             self.tail_start = 0;
-        } else {
+        } else if kept <= self.start {
+            // Moving no more than was handed out keeps the moves linear in the input,
+            // however the caller interleaves pushes and takes.
+            self.work += kept as u64;
             self.buf.drain(..self.start);
             self.tail_start = self.tail_start.saturating_sub(self.start);
+        } else {
+            return;
         }
         self.start = 0;
         // Release memory a past large line left behind.
         if self.buf.capacity() > 64 * 1024 && self.buf.len() < 16 * 1024 {
+            self.work += self.buf.len() as u64;
             self.buf.shrink_to(16 * 1024);
         }
     }
@@ -291,12 +340,85 @@ mod tests {
         assert_eq!(d.next_line(), Some(Line::TooLarge));
     }
 
+    /// A line of spaces is unfinished like any other: the daemon's read timeout must
+    /// apply to it (this used to say the opposite, and let slow blank senders stay).
     #[test]
-    fn blank_partial_is_not_partial() {
+    fn blank_partial_is_partial() {
         let mut d = LineDecoder::new(10);
-        d.push(b"  \r");
         assert!(!d.has_partial());
-        d.push(b"x");
+        d.push(b"  \r");
+        assert_eq!(d.next_line(), None);
         assert!(d.has_partial());
+        d.push(b"\n");
+        assert_eq!(d.next_line(), None, "a blank line is skipped");
+        assert!(!d.has_partial(), "nothing is left after the LF");
+        d.push(b"\t");
+        assert!(d.has_partial());
+    }
+
+    #[test]
+    fn cap_plus_one_without_a_cr_is_over_at_once() {
+        let mut d = LineDecoder::new(4);
+        d.push(b"ok\nabcde");
+        assert_eq!(d.next_line(), Some(Line::Complete(b"ok")));
+        assert_eq!(d.next_line(), Some(Line::TooLarge), "no LF needed to know");
+        assert!(d.buffered() <= 5);
+        // The same, arriving a byte at a time.
+        let mut d = LineDecoder::new(4);
+        for &b in b"abcd" {
+            d.push(&[b]);
+            assert_eq!(d.next_line(), None);
+        }
+        d.push(b" ");
+        assert_eq!(d.next_line(), Some(Line::TooLarge));
+    }
+
+    #[test]
+    fn cap_plus_one_ending_in_cr_waits_for_the_next_byte() {
+        let mut d = LineDecoder::new(4);
+        d.push(b"abcd\r");
+        assert_eq!(d.next_line(), None, "the CR may be stripped by an LF");
+        assert!(d.has_partial());
+        d.push(b"\n");
+        assert_eq!(d.next_line(), Some(Line::Complete(b"abcd")));
+        d.push(b"abcd\r");
+        assert_eq!(d.next_line(), None);
+        d.push(b"x");
+        assert_eq!(d.next_line(), Some(Line::TooLarge), "cap + 2 bytes without an LF");
+        // A CR inside the line is no allowance.
+        let mut d = LineDecoder::new(4);
+        d.push(b"ab\rcd");
+        assert_eq!(d.next_line(), Some(Line::TooLarge));
+    }
+
+    /// The regression of a partial line of spaces: every read used to rescan the whole
+    /// line so far. Work stays a small multiple of the bytes pushed.
+    #[test]
+    fn work_is_linear_in_a_long_unfinished_line() {
+        for fill in [b' ', b'x'] {
+            let n = 20_000;
+            let mut d = LineDecoder::new(n + 10);
+            for _ in 0..n {
+                d.push(&[fill]);
+                assert_eq!(d.next_line(), None);
+                assert!(d.has_partial());
+            }
+            assert!(d.work() <= 6 * n as u64, "work {} for {n} bytes", d.work());
+        }
+    }
+
+    /// Taking one line between pushes while many are pending moves no byte twice.
+    #[test]
+    fn work_is_linear_when_lines_are_taken_one_by_one() {
+        let mut d = LineDecoder::new(100);
+        let mut pushed = 0;
+        d.push(&b"abcdefgh\n".repeat(1000));
+        pushed += 9000;
+        for _ in 0..1000 {
+            d.push(b"x");
+            pushed += 1;
+            assert!(matches!(d.next_line(), Some(Line::Complete(_))));
+        }
+        assert!(d.work() <= 6 * pushed, "work {} for {pushed} bytes", d.work());
     }
 }

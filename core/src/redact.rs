@@ -3,9 +3,14 @@
 //! A single hand-written pass, no regex: this runs on every activity record, and the
 //! profile of an older daemon showed regex redaction as half of its per-request cost.
 //! It masks: authorization headers and bearer credentials, `key=value` / `key: value`
-//! and JSON `"key":"value"` pairs whose key names a secret, JWTs, and the key shapes of
-//! well-known providers (`sk-…`, `xox?-…`, `gh?_…`, `github_pat_…`, `AKIA…`/`ASIA…`,
-//! `AIza…`, `glpat-…`).
+//! and JSON `"key":"value"` pairs whose key names a secret, JWTs, the userinfo of URLs
+//! with a password (`https://user:pw@host`), the body of PEM private-key blocks, and
+//! the key shapes of well-known providers (`sk-…`, `xox?-…`, `gh?_…`, `github_pat_…`,
+//! `AKIA…`/`ASIA…`, `AIza…`, `glpat-…`, `hf_…`), also glued to a word before them
+//! (`mysk-proj-…`) when their body looks random.
+//!
+//! The pass stays linear in the text, however hostile: every rule either masks what it
+//! scanned (and the pass resumes after it) or gives up after a bounded look.
 
 use std::borrow::Cow;
 
@@ -33,6 +38,17 @@ const SECRET_KEYS: &[&str] = &[
     "session",
 ];
 
+/// Shortest `sk-` key body with a digit in it that is masked (`sk-abc123de`); without a
+/// digit the body needs the provider minimum of 16.
+const SK_SHORT_MIN: usize = 8;
+/// Shortest body of a key glued to a word before it (`mysk-proj-…`).
+const GLUED_MIN: usize = 20;
+/// How far into a glued key's body its randomness is judged: a bounded look, so a
+/// long run of prefixes costs linear time.
+const GLUED_WINDOW: usize = 32;
+/// Longest PEM label looked at (`RSA PRIVATE KEY`, `ENCRYPTED PRIVATE KEY`, …).
+const PEM_LABEL_MAX: usize = 64;
+
 fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
 }
@@ -43,6 +59,18 @@ fn is_key_char(b: u8) -> bool {
 
 fn is_cred_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'~' | b'+' | b'/' | b'=')
+}
+
+fn alnum_dash(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'-' || c == b'_'
+}
+
+fn alnum(c: u8) -> bool {
+    c.is_ascii_alphanumeric()
+}
+
+fn upper_digit(c: u8) -> bool {
+    c.is_ascii_uppercase() || c.is_ascii_digit()
 }
 
 /// Returns `s` with every secret it recognises replaced by [`MASK`].
@@ -57,8 +85,14 @@ pub fn redact(s: &str) -> Cow<'_, str> {
     let mut i = 0;
     while i < b.len() {
         let at_boundary = i == 0 || !is_ident(b[i - 1]);
-        let span = if at_boundary { provider_key(b, i).or_else(|| bearer(b, i)) } else { None }
-            .or_else(|| if matches!(b[i], b'=' | b':') { key_value(b, i) } else { None });
+        let span =
+            if at_boundary { provider_key(b, i).or_else(|| bearer(b, i)) } else { glued_key(b, i) }
+                .or_else(|| match b[i] {
+                    b'=' => key_value(b, i),
+                    b':' => url_userinfo(b, i).or_else(|| key_value(b, i)),
+                    b'P' => pem_private_key(b, i),
+                    _ => None,
+                });
         match span {
             Some((start, end)) if end > start => {
                 let o = out.get_or_insert_with(|| String::with_capacity(s.len()));
@@ -79,56 +113,98 @@ pub fn redact(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// A provider key or JWT starting at `i`: the span to mask.
-fn provider_key(b: &[u8], i: usize) -> Option<(usize, usize)> {
-    let rest = &b[i..];
-    let run = |from: usize, ok: fn(u8) -> bool| {
-        from + rest[from..].iter().take_while(|&&c| ok(c)).count()
-    };
-    let alnum_dash = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
-    let upper_digit = |c: u8| c.is_ascii_uppercase() || c.is_ascii_digit();
-    let (prefix_len, end, min) = if rest.starts_with(b"sk-")
-        || rest.starts_with(b"sk_live_")
-        || rest.starts_with(b"rk_live_")
-    {
-        let p = if rest[2] == b'-' { 3 } else { 8 };
-        (p, run(p, alnum_dash), 16)
+/// A provider's key shape: where its body starts, what the body is made of, and the
+/// shortest body masked.
+struct Shape {
+    prefix_len: usize,
+    body: fn(u8) -> bool,
+    min: usize,
+}
+
+/// The provider shape whose prefix starts `rest`, if any (JWTs are handled apart).
+fn shape(rest: &[u8]) -> Option<Shape> {
+    let s = |prefix_len, body, min| Some(Shape { prefix_len, body, min });
+    if rest.starts_with(b"sk-") {
+        s(3, alnum_dash, 16)
+    } else if rest.starts_with(b"sk_live_") || rest.starts_with(b"rk_live_") {
+        s(8, alnum_dash, 16)
     } else if rest.len() > 4
         && rest.starts_with(b"xox")
         && rest[3].is_ascii_alphabetic()
         && rest[4] == b'-'
     {
-        (5, run(5, alnum_dash), 10)
+        s(5, alnum_dash, 10)
     } else if rest.starts_with(b"github_pat_") {
-        (11, run(11, alnum_dash), 20)
+        s(11, alnum_dash, 20)
     } else if rest.len() > 3
         && rest.starts_with(b"gh")
         && b"pousr".contains(&rest[2])
         && rest[3] == b'_'
     {
-        (4, run(4, |c| c.is_ascii_alphanumeric()), 20)
+        s(4, alnum, 20)
+    } else if rest.starts_with(b"hf_") {
+        s(3, alnum, 30)
     } else if rest.starts_with(b"AKIA") || rest.starts_with(b"ASIA") {
-        (4, run(4, upper_digit), 16)
+        s(4, upper_digit, 16)
     } else if rest.starts_with(b"AIza") {
-        (4, run(4, alnum_dash), 30)
+        s(4, alnum_dash, 30)
     } else if rest.starts_with(b"glpat-") {
-        (6, run(6, alnum_dash), 16)
-    } else if rest.starts_with(b"eyJ") {
-        return jwt(b, i);
+        s(6, alnum_dash, 16)
     } else {
+        None
+    }
+}
+
+/// A provider key or JWT starting at word boundary `i`: the span to mask. A body that
+/// is too short is at most the shape's minimum long, so a miss costs a bounded look.
+fn provider_key(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    let rest = &b[i..];
+    if rest.starts_with(b"eyJ") {
+        return jwt(b, i);
+    }
+    let sh = shape(rest)?;
+    let body = &rest[sh.prefix_len..];
+    let len = body.iter().take_while(|&&c| (sh.body)(c)).count();
+    let short_sk = sh.prefix_len == 3
+        && rest[0] == b's'
+        && len >= SK_SHORT_MIN
+        && body[..len].iter().any(u8::is_ascii_digit);
+    (len >= sh.min || short_sk).then_some((i, i + sh.prefix_len + len))
+}
+
+/// A provider key glued to the word before it (`mysk-proj-…`, `xghp_…`): masked only
+/// when its body is long and looks random (digits and letters, both cases but for the
+/// upper-case-only AWS keys), judged within a bounded window.
+fn glued_key(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    let rest = &b[i..];
+    let sh = shape(rest)?;
+    let body = &rest[sh.prefix_len..];
+    let need = sh.min.max(GLUED_MIN);
+    let window = &body[..body.len().min(GLUED_WINDOW.max(need))];
+    let in_shape = window.iter().take_while(|&&c| (sh.body)(c)).count();
+    if in_shape < need {
         return None;
-    };
-    (end - prefix_len >= min).then_some((i, i + end))
+    }
+    let seen = &window[..in_shape];
+    let digit = seen.iter().any(u8::is_ascii_digit);
+    let upper = seen.iter().any(u8::is_ascii_uppercase);
+    let lower = seen.iter().any(u8::is_ascii_lowercase) || rest.starts_with(b"A");
+    if !(digit && upper && lower) {
+        return None;
+    }
+    let len = body.iter().take_while(|&&c| (sh.body)(c)).count();
+    Some((i, i + sh.prefix_len + len))
 }
 
 /// `eyJ….eyJ….sig` style tokens: three base64url segments, the first two non-empty.
+/// Unpadded (RFC 7515), so `=` ends a segment: otherwise `eyJ=eyJ=…` would start a
+/// scan to the end of the text at every `eyJ`.
 fn jwt(b: &[u8], i: usize) -> Option<(usize, usize)> {
-    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'=';
     let mut end = i;
     let mut segments = 0;
     loop {
         let seg_start = end;
-        while end < b.len() && b64(b[end]) {
+        while end < b.len() && alnum_dash(b[end]) {
             end += 1;
         }
         if end == seg_start && segments < 2 {
@@ -141,6 +217,54 @@ fn jwt(b: &[u8], i: usize) -> Option<(usize, usize)> {
         end += 1;
     }
     (segments == 3 && end - i >= 20).then_some((i, end))
+}
+
+/// `scheme://user:password@host` with `:` at `sep`: the whole userinfo (the user part
+/// can be a token too, as in `https://<token>:x-oauth-basic@host`). A userinfo without
+/// a password is left to the other rules.
+fn url_userinfo(b: &[u8], sep: usize) -> Option<(usize, usize)> {
+    if !b[sep + 1..].starts_with(b"//") {
+        return None;
+    }
+    let start = sep + 3;
+    // The authority ends at the first of these; the next `//` stops it, so the scans
+    // of two URLs never overlap.
+    let len = b[start..]
+        .iter()
+        .take_while(|&&c| !matches!(c, b'/' | b'?' | b'#' | b'@' | b'"' | b'\'' | b'<' | b'>'))
+        .take_while(|c| !c.is_ascii_whitespace())
+        .count();
+    let at = start + len;
+    if b.get(at) != Some(&b'@') {
+        return None;
+    }
+    let colon = b[start..at].iter().position(|&c| c == b':')?;
+    (start + colon + 1 < at).then_some((start, at))
+}
+
+/// `-----BEGIN … PRIVATE KEY-----` whose `PRIVATE KEY-----` is at `i`: the block's body
+/// up to its `-----END`, or to the end of the text when cut off (a truncated key is
+/// still a key). Found from the end of the header, looking back a bounded way for its
+/// start: a rule that masked `-----BEGIN` as the value of something before it (as in
+/// `Bearer -----BEGIN …`) must not hide the body.
+fn pem_private_key(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    const HEADER_END: &[u8] = b"PRIVATE KEY-----";
+    const DASHES: &[u8] = b"-----";
+    const END: &[u8] = b"-----END ";
+    if !b[i..].starts_with(HEADER_END) {
+        return None;
+    }
+    let back = &b[i.saturating_sub(PEM_LABEL_MAX + BEGIN.len())..i];
+    let begin = back.windows(BEGIN.len()).rposition(|w| w == BEGIN)?;
+    // The same header: no `-----` between its start and here (the `PRIVATE KEY-----`
+    // of an `-----END` line looks back at its own block's `-----BEGIN`).
+    if back[begin + BEGIN.len()..].windows(DASHES.len()).any(|w| w == DASHES) {
+        return None;
+    }
+    let body = i + HEADER_END.len();
+    let end = b[body..].windows(END.len()).position(|w| w == END).map_or(b.len(), |p| body + p);
+    Some((body, end))
 }
 
 /// `Bearer <credential>` at `i`: the credential's span.
@@ -201,8 +325,14 @@ fn key_value(b: &[u8], sep: usize) -> Option<(usize, usize)> {
     }
     let start = v;
     let mut end = start;
-    if is_auth {
-        // `Authorization: Basic xyz`: mask the scheme's credential too.
+    let scheme_word = |w: &[u8]| {
+        b.len() > start + w.len()
+            && b[start..start + w.len()].eq_ignore_ascii_case(w)
+            && b[start + w.len()] == b' '
+    };
+    if is_auth || scheme_word(b"bearer") || scheme_word(b"basic") {
+        // `Authorization: Basic xyz`, `token: Bearer xyz`: mask the scheme's credential
+        // too (masking the scheme word alone would skip the credential).
         while end < b.len() && b[end].is_ascii_alphabetic() {
             end += 1;
         }
@@ -268,6 +398,8 @@ mod tests {
         assert_eq!(r("Authorization: Bearer abcdefghijkl"), "Authorization: [REDACTED]");
         assert_eq!(r("authorization=Basic dXNlcjpwYXNz"), "authorization=[REDACTED]");
         assert_eq!(r("send bearer abcdefghijkl now"), "send bearer [REDACTED] now");
+        assert_eq!(r("password: Bearer abcdefgh1234"), "password: [REDACTED]");
+        assert_eq!(r("token=basic dXNlcjpwYXNz x"), "token=[REDACTED] x");
     }
 
     #[test]
@@ -306,13 +438,16 @@ mod tests {
             ("ASIA", "7", 16),
             ("AIza", "a", 30),
             ("glpat-", "a", 16),
+            ("hf_", "a", 30),
+            ("sk-", "1", 8),
         ] {
             let at = format!("{prefix}{}", body.repeat(min));
             assert_eq!(r(&format!("k {at} ok")), "k [REDACTED] ok", "{at}");
             let short = format!("{prefix}{}", body.repeat(min - 1));
             assert_eq!(r(&format!("k {short} ok")), format!("k {short} ok"), "{short}");
         }
-        // Only at a word boundary ('.', '-', '_' and alphanumerics join words).
+        // Glued to a word ('.', '-', '_' and alphanumerics join words), a body that does
+        // not look random is left alone: see `glued_keys_at_their_limits`.
         for joined in ["tasksk-aaaaaaaaaaaaaaaaaaaa", "a.sk-aaaaaaaaaaaaaaaaaaaa"] {
             assert_eq!(r(joined), joined);
         }
@@ -370,5 +505,118 @@ mod tests {
     #[test]
     fn non_ascii_survives() {
         assert_eq!(r("héllo password=ñañ wörld"), "héllo password=[REDACTED] wörld");
+    }
+
+    /// Runs `cases` of (input, expected output) at the start, in the middle and at the
+    /// end of a text, and checks that unchanged text is borrowed.
+    fn table(cases: &[(&str, &str)]) {
+        for &(input, want) in cases {
+            for (pre, post) in [("", ""), ("log: ", " done"), ("x ", "")] {
+                let text = format!("{pre}{input}{post}");
+                let got = redact(&text);
+                assert_eq!(got, format!("{pre}{want}{post}"), "in {text:?}");
+                assert_eq!(matches!(got, Cow::Borrowed(_)), input == want, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn short_sk_keys_at_their_limits() {
+        table(&[
+            ("sk-abc123def456", "[REDACTED]"),
+            ("sk-abc1234d", "[REDACTED]"), // 8 with a digit: the shortest
+            ("sk-abc1234", "sk-abc1234"),  // 7
+            ("sk-abcdefgh", "sk-abcdefgh"), // 8 without a digit
+            ("sk-abcdefghijklmno", "sk-abcdefghijklmno"), // 15 without a digit
+            ("sk-abcdefghijklmnop", "[REDACTED]"), // 16 without a digit
+        ]);
+    }
+
+    #[test]
+    fn hugging_face_tokens_at_their_limits() {
+        let at = format!("hf_{}", "aB3".repeat(10));
+        let short = format!("hf_{}", "aB3".repeat(10)[..29].to_owned());
+        table(&[(&at, "[REDACTED]"), (&short, &short), ("hf_", "hf_"), ("hf_x-y", "hf_x-y")]);
+        // The body is alphanumeric: a dash ends it.
+        let cut = format!("hf_{}-{}", "a".repeat(29), "b".repeat(10));
+        assert_eq!(r(&cut), cut);
+    }
+
+    #[test]
+    fn glued_keys_at_their_limits() {
+        let body20 = "AbC123dEf456GhI789jK"; // 20, digits and both cases
+        table(&[
+            (&format!("mysk-proj-{body20}"), "my[REDACTED]"),
+            (&format!("mysk-{body20}"), "my[REDACTED]"),
+            (&format!("mysk-{}", &body20[..19]), &format!("mysk-{}", &body20[..19])),
+            ("xghp_AbC123dEf456GhI789jK", "x[REDACTED]"),
+            ("keyAKIAIOSFODNN7EXAMPLE1234", "key[REDACTED]"),
+            ("keyAKIAIOSFODNN7EXAMPLE123", "keyAKIAIOSFODNN7EXAMPLE123"),
+            (&format!("a.hf_{}", "aB3".repeat(10)), "a.[REDACTED]"),
+        ]);
+        // Glued bodies that do not look random stay (a word ending in "sk" before a dash).
+        for same in [
+            "task-force-planning-review-2024x", // no upper case
+            "task-FORCE-PLANNING-REVIEW-2024X", // no lower case
+            "task-Force-Planning-Review-Notes", // no digit
+        ] {
+            assert_eq!(r(same), same);
+        }
+        // The randomness is judged in the first 32 bytes of the body only.
+        let late = format!("mysk-{}Ab1", "a".repeat(32));
+        assert_eq!(r(&late), late);
+        let early = format!("mysk-Ab1{}", "a".repeat(32));
+        assert_eq!(r(&early), "my[REDACTED]");
+    }
+
+    #[test]
+    fn url_userinfo_at_its_limits() {
+        table(&[
+            ("https://user:password@host/x", "https://[REDACTED]@host/x"),
+            ("https://u:p@h", "https://[REDACTED]@h"),
+            ("https://ghp_token:x-oauth-basic@github.com", "https://[REDACTED]@github.com"),
+            ("https://user:@host", "https://user:@host"), // no password
+            ("https://user@host", "https://user@host"),   // no password
+            ("https://host:8080/a@b", "https://host:8080/a@b"), // '@' after the path
+            ("https://user:pass word@host", "https://user:pass word@host"),
+            ("mailto:a@b", "mailto:a@b"),
+        ]);
+        assert_eq!(r("x://a:b@c and y://d:e@f"), "x://[REDACTED]@c and y://[REDACTED]@f");
+    }
+
+    #[test]
+    fn pem_private_keys_at_their_limits() {
+        let block =
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAKCAQ==\n-----END RSA PRIVATE KEY-----";
+        table(&[
+            (block, "-----BEGIN RSA PRIVATE KEY-----[REDACTED]-----END RSA PRIVATE KEY-----"),
+            (
+                "-----BEGIN PRIVATE KEY-----x-----END PRIVATE KEY-----",
+                "-----BEGIN PRIVATE KEY-----[REDACTED]-----END PRIVATE KEY-----",
+            ),
+            // Empty body: nothing to mask.
+            (
+                "-----BEGIN PRIVATE KEY----------END PRIVATE KEY-----",
+                "-----BEGIN PRIVATE KEY----------END PRIVATE KEY-----",
+            ),
+            // Not a private key.
+            (
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+                "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+            ),
+            ("-----BEGIN PRIVATE KEY", "-----BEGIN PRIVATE KEY"),
+        ]);
+        // Cut off: masked to the end of the text (a truncated key is still a key).
+        assert_eq!(
+            r("x -----BEGIN EC PRIVATE KEY-----\nMHcCAQ and more"),
+            "x -----BEGIN EC PRIVATE KEY-----[REDACTED]"
+        );
+        // The header's start eaten by another rule does not hide the body.
+        assert_eq!(
+            r("Bearer -----BEGIN RSA PRIVATE KEY-----\nMIIsecret\n-----END RSA PRIVATE KEY-----"),
+            "Bearer [REDACTED] RSA PRIVATE KEY-----[REDACTED]-----END RSA PRIVATE KEY-----"
+        );
+        let long_label = format!("-----BEGIN {} PRIVATE KEY-----x", "A".repeat(PEM_LABEL_MAX));
+        assert_eq!(r(&long_label), long_label, "label over the limit");
     }
 }

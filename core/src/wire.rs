@@ -142,7 +142,16 @@ impl DecodeError {
 
 /// Decodes and validates one request line (without its LF).
 pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
-    let raw: RawRequest = match serde_json::from_slice(line) {
+    // The whole line is checked up front: parsing bytes checks only the strings it
+    // keeps, so invalid UTF-8 in an ignored value or a key used to pass (spec §2: the
+    // line is undecodable). Parsing the checked text then skips the per-string checks.
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Err(DecodeError::Undecodable {
+            id: salvage_id(line),
+            message: "request line is not valid UTF-8".into(),
+        });
+    };
+    let raw: RawRequest = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
             return Err(DecodeError::Undecodable { id: salvage_id(line), message: e.to_string() });
@@ -835,6 +844,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.closes_connection());
+    }
+
+    /// Invalid UTF-8 anywhere makes the line undecodable, also where nothing reads it:
+    /// an unknown field's value, a key, a nested ignored value, the id itself.
+    #[test]
+    fn invalid_utf8_anywhere_is_undecodable() {
+        let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let cases: Vec<Vec<u8>> = vec![
+            format!("{{\"id\":\"u\",{msgs},\"x\":\"y\"}}").into_bytes(),
+            [b"{\"id\":\"u\",".as_slice(), msgs.as_bytes(), b",\"x\":\"\xff\"}"].concat(),
+            [b"{\"id\":\"u\",".as_slice(), msgs.as_bytes(), b",\"\xc3\":1}"].concat(),
+            [b"{\"id\":\"u\",".as_slice(), msgs.as_bytes(), b",\"f\":{\"a\":[\"\xed\xa0\x80\"]}}"]
+                .concat(),
+            [b"{\"id\":\"u\xe2\x82\",".as_slice(), msgs.as_bytes(), b"}"].concat(),
+            [b"{\"id\":\"u\",".as_slice(), msgs.as_bytes(), b"}\xf0\x9f"].concat(),
+        ];
+        // The first case is the control: the same shape in valid UTF-8 is served.
+        assert!(decode_request(&cases[0]).is_ok());
+        for line in &cases[1..] {
+            let e = decode_request(line).unwrap_err();
+            assert!(e.closes_connection(), "{}: {e:?}", String::from_utf8_lossy(line));
+            assert_eq!(e.id(), "", "not JSON, so no id: {}", String::from_utf8_lossy(line));
+        }
+        // Valid multi-byte text anywhere is fine.
+        let ok_line = format!("{{\"id\":\"é\",{msgs},\"ü🦀\":\"🦀\"}}");
+        assert_eq!(ok(&ok_line).id, "é");
     }
 
     #[test]

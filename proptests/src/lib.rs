@@ -20,6 +20,7 @@ use inferd_core::admin::{self, AdminState, StatsEvent};
 use inferd_core::config::Settings;
 use inferd_core::engine::{Capabilities, LoadPhase};
 use inferd_core::framing::{Line, LineDecoder};
+use inferd_core::redact::{MASK, redact};
 use inferd_core::wire::{self, DecodeError, DoneFrame, Frame, Request};
 use serde_json::{Map, Value, json};
 
@@ -40,11 +41,16 @@ fn drain_lines(dec: &mut LineDecoder, out: &mut Vec<RefLine>) -> bool {
     false
 }
 
+/// Most work the decoder may do per byte pushed (see `LineDecoder::work`).
+pub const LINE_DECODER_WORK_PER_BYTE: u64 = 6;
+
 /// Feeds `stream` to a [`LineDecoder`] with cap `cap` in the chunks `cuts` describes
 /// (chunk length, whether to take the available lines after it), and checks it against
-/// the reference splitter: the same lines for any chunking, never more than `cap + 1`
-/// bytes of an unfinished line held once the available lines are taken, and
-/// `has_partial` telling the truth. Panics on a difference.
+/// the reference splitter: the same lines for any chunking; an oversize line reported
+/// as soon as it is known to be over, not before; never more than `cap + 1` bytes of an
+/// unfinished line held once the available lines are taken (the last of them a CR when
+/// `cap + 1`); `has_partial` telling the truth; and work linear in the bytes pushed.
+/// Panics on a difference.
 pub fn check_line_decoder(stream: &[u8], cap: usize, cuts: &[(usize, bool)]) {
     let mut dec = LineDecoder::new(cap);
     let mut got = Vec::new();
@@ -59,11 +65,17 @@ pub fn check_line_decoder(stream: &[u8], cap: usize, cuts: &[(usize, bool)]) {
         pos = end;
         if take || pos == stream.len() {
             stopped = drain_lines(&mut dec, &mut got);
+            let known = overflow_at.is_some_and(|at| pos >= at);
+            assert_eq!(stopped, known, "TooLarge after {pos} bytes (known at {overflow_at:?})");
             if !stopped {
+                let held = dec.buffered();
                 assert!(
-                    dec.buffered() <= cap + 1,
-                    "decoder holds {} bytes of an unfinished line (cap {cap})",
-                    dec.buffered()
+                    held <= cap + 1,
+                    "decoder holds {held} bytes of an unfinished line (cap {cap})"
+                );
+                assert!(
+                    held <= cap || stream[pos - 1] == b'\r',
+                    "decoder holds cap + 1 bytes not ending in CR (cap {cap})"
                 );
                 assert_eq!(
                     dec.has_partial(),
@@ -72,6 +84,11 @@ pub fn check_line_decoder(stream: &[u8], cap: usize, cuts: &[(usize, bool)]) {
                 );
             }
         }
+        assert!(
+            dec.work() <= LINE_DECODER_WORK_PER_BYTE * pos as u64,
+            "decoder did {} units of work for {pos} bytes",
+            dec.work()
+        );
     }
     if !stopped {
         drain_lines(&mut dec, &mut got);
@@ -151,6 +168,58 @@ pub fn check_decoded_request(line: &[u8]) {
         }
         Err(DecodeError::Invalid { .. }) => {}
     }
+    // Spec §2: invalid UTF-8 anywhere in the line (an ignored value, a key) makes it
+    // undecodable, not merely invalid, and certainly not accepted.
+    if std::str::from_utf8(line).is_err() {
+        assert!(
+            matches!(wire::decode_request(line), Err(DecodeError::Undecodable { .. })),
+            "a line with invalid UTF-8 was not undecodable: {:?}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+/// Secrets of each shape `redact` knows, each with the part that must not survive.
+pub const PLANTED_SECRETS: &[(&str, &str)] = &[
+    ("sk-proj-AbC123dEf456GhI789jKl0", "AbC123dEf456GhI789jKl0"),
+    ("sk-abc123def456", "abc123def456"),
+    ("mysk-proj-AbC123dEf456GhI789jKl0", "AbC123dEf456GhI789jKl0"),
+    ("hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456", "AbCdEfGhIjKlMnOpQrStUvWxYz0123456"),
+    ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", "abcdefghijklmnopqrstuvwxyz0123456789"),
+    ("AKIAIOSFODNN7EXAMPLE", "IOSFODNN7EXAMPLE"),
+    ("https://user:hunter2pw@example.com/x", "hunter2pw"),
+    ("password=hunter2pw", "hunter2pw"),
+    ("Bearer abcdefgh12345678", "abcdefgh12345678"),
+    (
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIsecretPEMbody\n-----END RSA PRIVATE KEY-----",
+        "MIIsecretPEMbody",
+    ),
+];
+
+/// Checks `redact` on `text`: unchanged text is borrowed, changed text carries the mask,
+/// and a secret of every known shape planted in the text (between spaces, at its start,
+/// middle and end) does not survive, whatever the text around it. Panics on a failure.
+pub fn check_redact(text: &str) {
+    let out = redact(text);
+    if let std::borrow::Cow::Owned(o) = &out {
+        assert!(o.contains(MASK), "changed without a mask: {text:?} -> {o:?}");
+    }
+    let middle = (0..=text.len() / 2).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    for &(secret, part) in PLANTED_SECRETS {
+        let before = text.matches(part).count();
+        for at in [0, middle, text.len()] {
+            let planted = format!("{} {secret} {}", &text[..at], &text[at..]);
+            let out = redact(&planted);
+            let after = out.matches(part).count();
+            assert!(after <= before, "{secret:?} survived in {planted:?}: {out:?}",);
+        }
+    }
+}
+
+/// Fuzz entry: redaction of arbitrary text (invalid UTF-8 is read lossily).
+#[doc(hidden)]
+pub fn fuzz_redact(data: &[u8]) {
+    check_redact(&String::from_utf8_lossy(data));
 }
 
 /// Fuzz entry: the request decoder on arbitrary bytes.

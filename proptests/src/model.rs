@@ -30,10 +30,10 @@ impl RefSplit {
         self.lines.last() == Some(&RefLine::TooLarge)
     }
 
-    /// Whether an unfinished, non-blank line (or an oversize one) is pending: what
+    /// Whether an unfinished line, blank or not (or an oversize one), is pending: what
     /// `LineDecoder::has_partial` must say once every complete line is taken.
     pub fn has_partial(&self) -> bool {
-        self.overflowed() || self.tail.iter().any(|b| !is_blank_byte(*b))
+        self.overflowed() || !self.tail.is_empty()
     }
 }
 
@@ -43,9 +43,9 @@ fn is_blank_byte(b: u8) -> bool {
 
 /// Splits `stream` the way spec §1 says, all at once: lines end at LF, one CR before
 /// the LF is dropped, whitespace-only lines are skipped, a line whose content is over
-/// `cap` bytes ends the stream with `TooLarge`. An unfinished last line over `cap + 1`
-/// bytes is already known to be too large (one byte of slack for a CR that an LF may
-/// still strip).
+/// `cap` bytes ends the stream with `TooLarge`. An unfinished last line is already known
+/// to be too large at `cap + 1` bytes unless its last byte is a CR (which an LF may still
+/// strip), and at `cap + 2` bytes in any case.
 pub fn split_lines(stream: &[u8], cap: usize) -> RefSplit {
     let mut lines = Vec::new();
     let mut rest = stream;
@@ -64,16 +64,28 @@ pub fn split_lines(stream: &[u8], cap: usize) -> RefSplit {
         }
         lines.push(RefLine::Line(line.to_vec()));
     }
-    if rest.len() > cap + 1 {
+    if unfinished_over_cap(rest, cap) {
         lines.push(RefLine::TooLarge);
         return RefSplit { lines, tail: Vec::new() };
     }
     RefSplit { lines, tail: rest.to_vec() }
 }
 
-/// The stream position (bytes pushed) from which an oversize line is known: at its LF
-/// when it is `cap + 1` bytes without a CR, else once `cap + 2` of its bytes arrived.
-/// `None` when no line is over the cap.
+/// Whether the bytes of an unfinished line are already known to be over the cap.
+fn unfinished_over_cap(line: &[u8], cap: usize) -> bool {
+    line.len() > cap + 1 || (line.len() == cap + 1 && line.last() != Some(&b'\r'))
+}
+
+/// How many bytes of a line (LF not yet seen) reveal that it is over the cap: `cap + 1`
+/// when its byte at `cap` is not a CR, else `cap + 2`.
+fn overflow_reveal(line: &[u8], cap: usize) -> usize {
+    if line.get(cap) == Some(&b'\r') { cap + 2 } else { cap + 1 }
+}
+
+/// The stream position (bytes pushed) from which an oversize line is known: once
+/// `cap + 1` of its bytes arrived unless the last of them is a CR, else once `cap + 2`
+/// arrived (an LF arriving instead ends a line of exactly the cap). `None` when no line
+/// is over the cap.
 pub fn overflow_known_at(stream: &[u8], cap: usize) -> Option<usize> {
     let mut start = 0;
     while start <= stream.len() {
@@ -85,11 +97,14 @@ pub fn overflow_known_at(stream: &[u8], cap: usize) -> Option<usize> {
                     content = head;
                 }
                 if content.len() > cap {
-                    return Some(if i >= cap + 2 { start + cap + 2 } else { start + i + 1 });
+                    return Some(start + overflow_reveal(rest, cap));
                 }
                 start += i + 1;
             }
-            None => return (rest.len() > cap + 1).then_some(start + cap + 2),
+            None => {
+                let at = overflow_reveal(rest, cap);
+                return (rest.len() >= at).then_some(start + at);
+            }
         }
     }
     None
@@ -103,8 +118,7 @@ pub fn partial_at(stream: &[u8], pos: usize, overflow_at: Option<usize>) -> bool
         return true;
     }
     let prefix = &stream[..pos];
-    let tail_start = prefix.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    prefix[tail_start..].iter().any(|&b| !is_blank_byte(b))
+    prefix.last().is_some_and(|&b| b != b'\n')
 }
 
 /// What [`AdmissionModel::admit`] decided (mirrors `inferd_core::admission::Admit`).
@@ -316,12 +330,15 @@ mod tests {
 
     #[test]
     fn overflow_positions() {
-        assert_eq!(overflow_known_at(b"abcd\nx\n", 3), Some(5));
+        assert_eq!(overflow_known_at(b"abcd\nx\n", 3), Some(4));
         assert_eq!(overflow_known_at(b"abc\r\nx\n", 3), None);
-        assert_eq!(overflow_known_at(b"ok\nabcdefg", 3), Some(8));
-        assert_eq!(overflow_known_at(b"abcd", 3), None);
+        assert_eq!(overflow_known_at(b"abc\r\r\n", 3), Some(5));
+        assert_eq!(overflow_known_at(b"ok\nabcdefg", 3), Some(7));
+        assert_eq!(overflow_known_at(b"abcd", 3), Some(4));
+        assert_eq!(overflow_known_at(b"abc\r", 3), None);
         assert!(partial_at(b"ok\n  x", 6, None));
-        assert!(!partial_at(b"ok\n  x", 5, None));
+        assert!(partial_at(b"ok\n  x", 5, None), "a blank partial line is partial");
+        assert!(!partial_at(b"ok\n  x", 3, None));
     }
 
     #[test]
@@ -332,9 +349,11 @@ mod tests {
         assert!(s.has_partial());
         let s = split_lines(b"abcd\nok\n", 3);
         assert_eq!(s.lines, vec![RefLine::TooLarge]);
+        let s = split_lines(b"abc\r", 3);
+        assert!(s.lines.is_empty(), "cap + 1 ending in CR: an LF may still come");
         let s = split_lines(b"abcd", 3);
-        assert!(s.lines.is_empty(), "cap + 1: a CR may still come, not yet known");
-        let s = split_lines(b"abcde", 3);
+        assert_eq!(s.lines, vec![RefLine::TooLarge], "cap + 1 without a CR");
+        let s = split_lines(b"abc\rx", 3);
         assert_eq!(s.lines, vec![RefLine::TooLarge]);
     }
 }

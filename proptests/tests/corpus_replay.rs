@@ -12,6 +12,7 @@ const TARGETS: &[(&str, Check)] = &[
     ("admin_frames", inferd_proptests::fuzz_admin_frames),
     ("daemon", inferd_proptests::fuzz_daemon),
     ("http_request", inferd_proptests::http::fuzz_http_request),
+    ("redact", inferd_proptests::fuzz_redact),
 ];
 
 fn inputs(target: &str) -> Vec<PathBuf> {
@@ -78,6 +79,11 @@ fn daemon() {
 #[test]
 fn http_request() {
     replay(TARGETS[5].0, TARGETS[5].1);
+}
+
+#[test]
+fn redact() {
+    replay(TARGETS[6].0, TARGETS[6].1);
 }
 
 #[test]

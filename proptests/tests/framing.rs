@@ -1,5 +1,6 @@
 //! `LineDecoder` against the reference splitter: the same lines for any chunking of
-//! any byte stream, and never more than `cap + 1` bytes of an unfinished line held.
+//! any byte stream, never more than `cap + 1` bytes of an unfinished line held, and
+//! work linear in the bytes pushed.
 
 use inferd_proptests::check_line_decoder;
 use inferd_proptests::model::{RefLine, split_lines};
@@ -22,8 +23,31 @@ fn cuts() -> impl Strategy<Value = Vec<(usize, bool)>> {
     proptest::collection::vec((1usize..40, any::<bool>()), 1..20)
 }
 
+/// Long lines of one filler byte (blank or not), rarely ended, in small pieces: the
+/// shape that made every read rescan the line so far.
+fn long_lines() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        1 => Just(b"\n".to_vec()),
+        1 => Just(b"\r".to_vec()),
+        8 => (1usize..4000, prop_oneof![Just(b' '), Just(b'\t'), Just(b'x')])
+            .prop_map(|(n, b)| vec![b; n]),
+    ];
+    proptest::collection::vec(piece, 1..12).prop_map(|v| v.concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// `check_line_decoder` asserts the work bound after every chunk; here the lines are
+    /// long enough (and the chunks small enough) for rescanning to show.
+    #[test]
+    fn work_is_linear_in_the_bytes_pushed(
+        s in long_lines(),
+        cap in prop_oneof![1usize..64, 4000usize..50_000],
+        cuts in proptest::collection::vec((1usize..64, Just(true)), 1..8),
+    ) {
+        check_line_decoder(&s, cap, &cuts);
+    }
 
     #[test]
     fn same_lines_for_any_chunking(s in stream(), cap in 1usize..24, cuts in cuts()) {

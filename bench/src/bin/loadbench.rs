@@ -6,6 +6,7 @@
 //! cargo build --release -p inferd --bin inferd -p inferd-bench
 //! target/release/loadbench --clients 1,8,32 --tokens 1,256 --seconds 5
 //! target/release/loadbench --idle 1000
+//! target/release/loadbench --long-line 64
 //! target/release/loadbench --compare-bin target/release/inferd-tokio
 //! ```
 
@@ -39,7 +40,8 @@ struct Args {
     /// The subcommand both binaries take before the serve flags; "" for none.
     #[arg(long, default_value = "serve")]
     subcommand: String,
-    /// Client thread counts, comma-separated [default: 1,8,32; none with only --idle].
+    /// Client thread counts, comma-separated [default: 1,8,32; none with only --idle or
+    /// --long-line].
     #[arg(long, value_delimiter = ',')]
     clients: Option<Vec<usize>>,
     /// Tokens per request (the mock's --mock-tokens), comma-separated.
@@ -61,6 +63,10 @@ struct Args {
     /// Open this many idle connections and report the daemon's memory per connection.
     #[arg(long, value_name = "N")]
     idle: Option<usize>,
+    /// Stream a line of this many MiB without LF (spaces, then `x`) on one connection
+    /// and report a normal client's latency meanwhile, against a run with no stream.
+    #[arg(long, value_name = "MIB")]
+    long_line: Option<usize>,
 }
 
 // ---- the echo server --------------------------------------------------------------
@@ -542,6 +548,127 @@ fn idle_mode(args: &Args, bin: &Path, n: usize) -> Result<(u64, u64, f64), Strin
     Ok((rss0, rss1, per_conn))
 }
 
+// ---- a long line without LF next to a normal client --------------------------------
+
+/// What a normal client saw while another connection streamed a long line.
+struct LongLine {
+    requests: usize,
+    p50_us: u32,
+    p99_us: u32,
+    max_us: u32,
+    /// Daemon CPU (utime + stime) over the measurement, in ms.
+    cpu_ms: f64,
+    /// How the streamer ended: the time its line took to send, or why it stopped.
+    stream: String,
+}
+
+/// One normal client doing 1-token requests back to back, while (with `fill`) another
+/// connection writes `mib` MiB of `fill` in 1 MiB writes, never an LF. Without `fill`
+/// it measures for two seconds.
+fn long_line_run(
+    args: &Args,
+    bin: &Path,
+    fill: Option<u8>,
+    mib: usize,
+) -> Result<LongLine, String> {
+    let mut d = Daemon::start(&daemon_spec(args, bin, 1, &[]), &label(bin))?;
+    let mut c = Client::connect(&d.socket).map_err(|e| e.to_string())?;
+    let req =
+        format!("{{\"id\":\"n\",\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}]}}\n");
+    for _ in 0..200 {
+        c.exchange(req.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let streamer = fill.map(|b| {
+        let (socket, done) = (d.socket.clone(), done.clone());
+        std::thread::spawn(move || {
+            let result = (|| -> io::Result<(Duration, UnixStream)> {
+                let mut s = UnixStream::connect(&socket)?;
+                let chunk = vec![b; 1 << 20];
+                let t = Instant::now();
+                for _ in 0..mib {
+                    s.write_all(&chunk)?;
+                }
+                Ok((t.elapsed(), s))
+            })();
+            done.store(true, Ordering::Release);
+            result
+        })
+    });
+    let cpu0 = d.cpu_ticks();
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    // With a streamer: until its line is sent (or refused); at least one request.
+    while lat.is_empty()
+        || if streamer.is_some() {
+            !done.load(Ordering::Acquire)
+        } else {
+            t0.elapsed() < Duration::from_secs(2)
+        }
+    {
+        let e = c.exchange(req.as_bytes()).map_err(|e| format!("normal client: {e}"))?;
+        if !e.ok {
+            return Err("normal client: request failed".into());
+        }
+        lat.push(e.terminal.as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    let cpu_ms = ticks_to_micros(d.cpu_ticks().saturating_sub(cpu0)) / 1000.0;
+    // The stream stays open until here, so the daemon held the whole line meanwhile.
+    let stream = match streamer.map(|t| t.join()) {
+        None => "-".to_string(),
+        Some(Ok(Ok((took, _open)))) => format!("{mib} MiB sent in {:.2} s", took.as_secs_f64()),
+        Some(Ok(Err(e))) => format!("stopped: {e}"),
+        Some(Err(_)) => "streamer panicked".to_string(),
+    };
+    if !d.is_running() {
+        return Err(format!("{} died:\n{}", d.label, d.stderr_tail()));
+    }
+    lat.sort_unstable();
+    Ok(LongLine {
+        requests: lat.len(),
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        max_us: lat.last().copied().unwrap_or(0),
+        cpu_ms,
+        stream,
+    })
+}
+
+/// `--long-line`: a normal client's latency with no stream, next to a line of `x`, next
+/// to a line of spaces (which once cost quadratic CPU); the spaces/`x` ratios should be
+/// about 1.
+fn long_line_mode(args: &Args, bin: &Path, mib: usize) -> Result<(), String> {
+    println!("long line: {mib} MiB without LF on one connection, 1-token requests on another");
+    println!(
+        "  {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}  stream",
+        "line", "requests", "p50 ms", "p99 ms", "max ms", "CPU ms"
+    );
+    let mut rows = Vec::new();
+    for (name, fill) in [("none", None), ("x", Some(b'x')), ("spaces", Some(b' '))] {
+        let r = long_line_run(args, bin, fill, mib)?;
+        println!(
+            "  {name:<10} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.1}  {}",
+            r.requests,
+            ms(r.p50_us),
+            ms(r.p99_us),
+            ms(r.max_us),
+            r.cpu_ms,
+            r.stream
+        );
+        rows.push(r);
+    }
+    let (x, sp) = (&rows[1], &rows[2]);
+    let ratio = |a: u32, b: u32| f64::from(a) / f64::from(b.max(1));
+    println!(
+        "  spaces / x: p50 {:.2}, p99 {:.2}, max {:.2}, daemon CPU {:.2} (about 1 expected)",
+        ratio(sp.p50_us, x.p50_us),
+        ratio(sp.p99_us, x.p99_us),
+        ratio(sp.max_us, x.max_us),
+        sp.cpu_ms / x.cpu_ms.max(f64::MIN_POSITIVE)
+    );
+    Ok(())
+}
+
 fn main() {
     let args = Args::parse();
     raise_fd_limit();
@@ -562,7 +689,7 @@ fn main() {
         bins.iter().map(|b| b.display().to_string()).collect::<Vec<_>>().join(" vs "),
         clock_ticks_per_second(),
     );
-    let clients = match (&args.clients, args.idle) {
+    let clients = match (&args.clients, args.idle.or(args.long_line)) {
         (Some(c), _) => c.clone(),
         (None, Some(_)) => Vec::new(),
         (None, None) => vec![1, 8, 32],
@@ -599,6 +726,14 @@ fn main() {
                     eprintln!("loadbench: idle {}: {e}", label(bin));
                     failed = true;
                 }
+            }
+        }
+    }
+    if let Some(mib) = args.long_line {
+        for bin in &bins {
+            if let Err(e) = long_line_mode(&args, bin, mib) {
+                eprintln!("loadbench: long line {}: {e}", label(bin));
+                failed = true;
             }
         }
     }

@@ -1356,3 +1356,85 @@ fn output_dropped_at_the_write_timeout_is_logged_as_undelivered() {
     h.advance(Duration::from_secs(20));
     assert_eq!(h.activity_of("write_timeout").len(), 1);
 }
+
+// --- Framing and decoding at the edges (issues 10 and 15) ---
+
+#[test]
+fn a_slow_sender_of_spaces_is_closed_at_the_read_timeout() {
+    let mut c = cfg(&["mock"]);
+    c.read_timeout = Duration::from_secs(5);
+    let mut h = H::ready(c);
+    let idle = h.connect();
+    let spaces = h.connect();
+    // A blank line between requests is fine and leaves nothing pending.
+    h.send(idle, "  \r\n");
+    for _ in 0..4 {
+        h.send(spaces, " ");
+        h.advance(Duration::from_secs(1));
+        assert!(h.is_open(spaces), "closed before the read timeout");
+    }
+    h.send(spaces, " ");
+    h.advance(Duration::from_secs(1));
+    assert!(!h.is_open(spaces), "an unfinished line of spaces is still unfinished");
+    assert!(h.frames(spaces).is_empty(), "closed without a frame, like any slow sender");
+    h.advance(Duration::from_secs(60));
+    assert!(h.is_open(idle), "an idle connection with nothing pending stays");
+}
+
+#[test]
+fn cap_plus_one_bytes_without_an_lf_are_answered_at_once() {
+    let mut c = cfg(&["mock"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    h.send(conn, &"x".repeat(1024));
+    assert!(h.is_open(conn), "exactly the cap is fine");
+    assert!(h.frames(conn).is_empty());
+    h.send(conn, " ");
+    assert_eq!(h.error_code(conn), Some(ErrorCode::FrameTooLarge));
+    match &h.frames(conn)[..] {
+        [Frame::Error { id, .. }] => assert_eq!(id, ""),
+        other => panic!("{other:?}"),
+    }
+    assert!(!h.is_open(conn), "closed without waiting for an LF");
+    assert!(!h.credits.contains(&conn), "nothing more is read");
+}
+
+#[test]
+fn cap_plus_one_bytes_ending_in_cr_wait_for_the_lf() {
+    let mut c = cfg(&["mock"]);
+    c.max_frame_bytes = 1024;
+    let mut h = H::ready(c);
+    let conn = h.connect();
+    let mut line = req("cr");
+    line.push_str(&" ".repeat(1024 - line.len()));
+    line.push('\r');
+    h.send(conn, &line);
+    assert!(h.is_open(conn), "the CR may be the one an LF strips");
+    assert!(h.frames(conn).is_empty());
+    h.send(conn, "\n");
+    assert_eq!(h.starts.len(), 1, "a line of exactly the cap is served");
+    // The same bytes followed by anything but an LF are over.
+    let other = h.connect();
+    h.send(other, &line);
+    assert!(h.is_open(other));
+    h.send(other, "x");
+    assert_eq!(h.error_code(other), Some(ErrorCode::FrameTooLarge));
+    assert!(!h.is_open(other));
+}
+
+#[test]
+fn invalid_utf8_in_an_unknown_field_is_undecodable_and_closes() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    let mut line = br#"{"id":"u","messages":[{"role":"user","content":"hi"}],"x":""#.to_vec();
+    line.extend_from_slice(b"\xff\"}\n");
+    assert!(h.credits.remove(&c));
+    h.input(Input::Received { conn: c, bytes: &line });
+    match &h.frames(c)[..] {
+        [Frame::Error { id, code: ErrorCode::InvalidRequest, .. }] => assert_eq!(id, ""),
+        other => panic!("{other:?}"),
+    }
+    assert!(!h.is_open(c), "an undecodable line closes the connection");
+    assert!(h.starts.is_empty(), "nothing is generated for it");
+}

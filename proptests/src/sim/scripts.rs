@@ -305,12 +305,13 @@ impl WriteBuilder {
     }
 
     /// Records what the line that started at `start` and ends here expects. The daemon
-    /// may answer an oversize line as soon as `cap + 2` of its bytes arrived, before
-    /// the rest (or an LF) is written.
+    /// may answer an oversize line as soon as `cap + 1` of its bytes arrived (`cap + 2`
+    /// when the last of those is a CR), before the rest (or an LF) is written.
     fn mark(&mut self, start: usize, expect: Expect) {
         let mut at = self.bytes.len();
         if expect == Expect::Oversize {
-            at = at.min(start + self.cap + 2);
+            let reveal = if self.bytes.get(start + self.cap) == Some(&b'\r') { 2 } else { 1 };
+            at = at.min(start + self.cap + reveal);
         }
         self.marks.push((at, expect));
     }
@@ -451,7 +452,8 @@ pub(crate) fn client_script(rng: &mut Rng, ctx: &mut Ctx<'_>) -> (Vec<Action>, b
                 let cut = rng.range_usize(1, l.0.len().saturating_sub(1).max(1));
                 let mut w = WriteBuilder::new(ctx.cap);
                 w.raw(&l.0[..cut]);
-                if cut > ctx.cap + 1 {
+                let over = cut > ctx.cap + 1 || (cut == ctx.cap + 1 && l.0[cut - 1] != b'\r');
+                if over {
                     // Even unfinished, the line is already known to be over the cap.
                     w.mark(0, Expect::Oversize);
                 }
