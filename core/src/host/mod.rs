@@ -7,6 +7,7 @@ pub mod lock;
 pub mod logfile;
 pub mod paths;
 pub mod peer;
+pub mod signals;
 pub mod socket;
 pub mod time;
 

@@ -1,0 +1,61 @@
+//! OS-side hardening (issue 15): signals that used to kill the daemon uncleanly, and a
+//! log that hits a file size limit.
+
+use std::time::Duration;
+
+use inferd_e2e::*;
+use rustix::process::Signal;
+
+both_shells!(sighup_drains_like_sigterm, file_size_limit_on_the_log_is_a_logged_write_failure,);
+
+/// SIGHUP with a request in flight: the daemon drains as for SIGTERM (documented in the
+/// README): the request runs to its terminal frame, the socket files go, exit 0.
+fn sighup_drains_like_sigterm(shell: Shell) {
+    let mut d = shell.daemon().args(["--mock-token-delay-ms", "20", "--mock-tokens", "30"]).start();
+    let mut c = d.connect();
+    c.send(&req("h", "hang up"));
+    assert!(matches!(c.next_frame(), Ok(Frame::Token { .. })), "the request streams");
+    d.signal(Signal::HUP);
+    let r = c.read_reply();
+    assert_eq!(r.id(), "h");
+    assert!(r.is_done(), "drained to the end: {:?}", r.terminal);
+    assert_eq!(r.tokens.len() + 1, 30, "every token arrived");
+    let status = d.wait_exit(EXIT_TIMEOUT);
+    assert!(status.success(), "exit status {status}; stderr:\n{}", d.stderr());
+    assert!(!d.infer_path().exists(), "infer.sock left behind");
+    assert!(!d.admin_path().exists(), "admin.sock left behind");
+    assert!(d.stderr().contains("SIGHUP"), "stderr:\n{}", d.stderr());
+}
+
+/// Under `ulimit -f` the activity log soon passes the file size limit. The daemon is not
+/// killed by SIGXFSZ: it reports the failed write, counts the dropped records in `stats`,
+/// keeps serving, and the log holds only whole records.
+fn file_size_limit_on_the_log_is_a_logged_write_failure(shell: Shell) {
+    // 8 blocks of 512 bytes (dash's unit; 1 KiB in some shells).
+    const LIMIT: usize = 8 * 1024;
+    let mut d = shell.daemon().fast_stats().ulimit("-f 8").start();
+    let mut admin = d.admin();
+    let mut c = d.connect();
+    // Each request adds a `request_done` record of about 250 bytes, and the client waits
+    // for each reply, so the log is written between requests.
+    for i in 0..60 {
+        c.send(&req(&format!("r{i}"), "fill the activity log"));
+        assert!(c.read_reply().is_done(), "request {i}");
+    }
+    admin.wait_stats("records dropped", Duration::from_secs(30), |s| {
+        stat(s, "log_records_dropped") > 0
+    });
+    // SIGXFSZ sent directly does no harm either.
+    d.signal(Signal::XFSZ);
+    assert!(d.ask(&req("after", "still serving")).is_done());
+    assert!(d.exit_status().is_none(), "the daemon died; stderr:\n{}", d.stderr());
+    assert!(d.terminate().success(), "stderr:\n{}", d.stderr());
+
+    let stderr = d.stderr();
+    assert!(stderr.contains("File too large"), "the write failure is reported:\n{stderr}");
+    let text = d.log_text();
+    assert!(!text.is_empty() && text.len() <= LIMIT, "{} bytes", text.len());
+    assert!(text.ends_with('\n'), "the log ends mid-record:\n{text}");
+    let records = d.log_records();
+    assert!(records.iter().any(|r| r["msg"] == "request_done"), "{text}");
+}
