@@ -1,12 +1,16 @@
-//! OS-side hardening (issue 15): signals that used to kill the daemon uncleanly, and a
-//! log that hits a file size limit.
+//! OS-side hardening (issue 15): signals that used to kill the daemon uncleanly, a log
+//! that hits a file size limit, and descriptor limits.
 
 use std::time::Duration;
 
 use inferd_e2e::*;
 use rustix::process::Signal;
 
-both_shells!(sighup_drains_like_sigterm, file_size_limit_on_the_log_is_a_logged_write_failure,);
+both_shells!(
+    sighup_drains_like_sigterm,
+    file_size_limit_on_the_log_is_a_logged_write_failure,
+    descriptor_limit_clamps_max_connections,
+);
 
 /// SIGHUP with a request in flight: the daemon drains as for SIGTERM (documented in the
 /// README): the request runs to its terminal frame, the socket files go, exit 0.
@@ -58,4 +62,57 @@ fn file_size_limit_on_the_log_is_a_logged_write_failure(shell: Shell) {
     assert!(text.ends_with('\n'), "the log ends mid-record:\n{text}");
     let records = d.log_records();
     assert!(records.iter().any(|r| r["msg"] == "request_done"), "{text}");
+}
+
+/// With a low descriptor limit and a huge `--max-connections`, the daemon raises its
+/// soft limit to the hard one, clamps `max_connections` with a warning naming both
+/// numbers, and holds that many idle connections; past them it accepts and closes at
+/// once (instead of leaving clients in the backlog once accept fails with EMFILE), and
+/// it serves again as soon as connections go.
+fn descriptor_limit_clamps_max_connections(shell: Shell) {
+    const HARD: u64 = 256;
+    let mut d = shell
+        .daemon()
+        .fast_stats()
+        .ulimit("-Sn 64")
+        .ulimit(&format!("-Hn {HARD}"))
+        .args(["--max-connections", "100000"])
+        .start();
+    let stderr = d.stderr();
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("max_connections 100000"))
+        .unwrap_or_else(|| panic!("no warning naming max_connections:\n{stderr}"));
+    assert!(warning.contains(&format!("limit of {HARD}")), "{warning}");
+    let allowed: u64 = warning
+        .rsplit_once("at most ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number of connections in: {warning}"));
+    // Above the soft limit of 64: it was raised to the hard one first.
+    assert!(allowed > 64 && allowed < HARD, "{warning}");
+
+    let mut admin = d.admin();
+    let idle: Vec<Client> = (0..HARD + 50).map(|_| d.connect()).collect();
+    admin.wait_stats("the allowed connections held", Duration::from_secs(30), |s| {
+        stat(s, "connections") == allowed
+    });
+    // Full: a new client is answered by a close, at once, not left waiting.
+    let mut late = d.connect();
+    let _ = late.try_send(&req("late", "full house"));
+    late.expect_closed();
+
+    drop(idle);
+    admin.wait_stats("idle connections gone", Duration::from_secs(30), |s| {
+        stat(s, "connections") == 0
+    });
+    assert!(d.ask(&req("ok", "served again")).is_done());
+    assert!(d.terminate().success(), "stderr:\n{}", d.stderr());
+    let clamped: Vec<Value> =
+        d.log_records().into_iter().filter(|r| r["msg"] == "max_connections_clamped").collect();
+    assert_eq!(clamped.len(), 1, "{}", d.log_text());
+    assert_eq!(clamped[0]["level"], "warn");
+    assert_eq!(clamped[0]["max_connections"], 100000);
+    assert_eq!(clamped[0]["allowed"], allowed);
+    assert_eq!(clamped[0]["descriptor_limit"], HARD);
 }

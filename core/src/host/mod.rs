@@ -3,6 +3,7 @@
 //!
 //! Only the shells use this module; the state machines of the core never import it.
 
+pub mod fdlimit;
 pub mod lock;
 pub mod logfile;
 pub mod paths;
