@@ -1,5 +1,5 @@
 //! OS-side hardening (issue 15): signals that used to kill the daemon uncleanly, a log
-//! that hits a file size limit, and descriptor limits.
+//! that hits a file size limit, descriptor limits, and loopback TCP without a key.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ both_shells!(
     sighup_drains_like_sigterm,
     file_size_limit_on_the_log_is_a_logged_write_failure,
     descriptor_limit_clamps_max_connections,
+    tcp_without_api_key_warns_loudly,
 );
 
 /// SIGHUP with a request in flight: the daemon drains as for SIGTERM (documented in the
@@ -115,4 +116,30 @@ fn descriptor_limit_clamps_max_connections(shell: Shell) {
     assert_eq!(clamped[0]["max_connections"], 100000);
     assert_eq!(clamped[0]["allowed"], allowed);
     assert_eq!(clamped[0]["descriptor_limit"], HARD);
+}
+
+/// Loopback TCP without an API key starts (the spec makes the key optional on
+/// loopback), with a warning on stderr and in the activity log; with a key there is no
+/// warning; a non-loopback address is refused.
+fn tcp_without_api_key_warns_loudly(shell: Shell) {
+    const WARNING: &str = "without an API key";
+    let mut open = shell.daemon().args(["--tcp", "127.0.0.1:0"]).start();
+    assert!(open.stderr().contains(WARNING), "stderr:\n{}", open.stderr());
+    assert!(open.terminate().success());
+    let warned: Vec<Value> =
+        open.log_records().into_iter().filter(|r| r["msg"] == "tcp_without_api_key").collect();
+    assert_eq!(warned.len(), 1, "{}", open.log_text());
+    assert_eq!(warned[0]["level"], "warn");
+    assert_eq!(warned[0]["addr"], "127.0.0.1:0");
+
+    let mut keyed =
+        shell.daemon().args(["--tcp", "127.0.0.1:0", "--api-key", "k-0123456789"]).start();
+    assert!(keyed.terminate().success());
+    assert!(!keyed.stderr().contains(WARNING), "stderr:\n{}", keyed.stderr());
+    assert!(!keyed.log_text().contains("tcp_without_api_key"), "{}", keyed.log_text());
+
+    let mut public = shell.daemon().args(["--tcp", "0.0.0.0:0"]).spawn();
+    let status = public.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.code(), Some(2), "stderr:\n{}", public.stderr());
+    assert!(public.stderr().contains("loopback"), "stderr:\n{}", public.stderr());
 }

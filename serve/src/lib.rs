@@ -317,6 +317,11 @@ pub fn prepare_files(
     };
     let mut config = config;
     fit_connections_to_descriptors(&mut config, log.as_mut());
+    if let Some(addr) = &tcp
+        && config.api_key.is_none()
+    {
+        warn_tcp_without_key(addr, log.as_mut());
+    }
     Ok(Prepared {
         setup: ServeSetup {
             config,
@@ -363,6 +368,22 @@ fn fit_connections_to_descriptors(config: &mut DaemonConfig, log: Option<&mut Ac
                 .num("max_connections", u64::from(wanted))
                 .num("allowed", u64::from(allowed))
                 .num("descriptor_limit", limit)
+                .finish(),
+        );
+    }
+}
+
+/// Loopback TCP without an API key lets every local user and process in, whatever the
+/// socket modes say: allowed (the spec makes the key optional on loopback), but loudly.
+fn warn_tcp_without_key(addr: &str, log: Option<&mut ActivityLogFile>) {
+    eprintln!(
+        "inferd: WARNING: serving TCP on {addr} without an API key: any local user or process \
+         can use the daemon (set --api-key or INFERD_API_KEY)"
+    );
+    if let Some(log) = log {
+        log.push(
+            &Record::new(time::unix_millis_now(), Level::Warn, "daemon", "tcp_without_api_key")
+                .str("addr", addr)
                 .finish(),
         );
     }
