@@ -1,15 +1,18 @@
 //! OS-side hardening (issue 15): signals that used to kill the daemon uncleanly, a log
 //! that hits a file size limit, descriptor limits, and loopback TCP without a key.
 
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use inferd_e2e::*;
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::process::Signal;
 
 both_shells!(
     sighup_drains_like_sigterm,
     file_size_limit_on_the_log_is_a_logged_write_failure,
     descriptor_limit_clamps_max_connections,
+    out_of_descriptors_refuses_instead_of_hanging,
     tcp_without_api_key_warns_loudly,
 );
 
@@ -116,6 +119,41 @@ fn descriptor_limit_clamps_max_connections(shell: Shell) {
     assert_eq!(clamped[0]["max_connections"], 100000);
     assert_eq!(clamped[0]["allowed"], allowed);
     assert_eq!(clamped[0]["descriptor_limit"], HARD);
+}
+
+/// Admin subscribers (which have no cap of their own) use up the daemon's descriptors.
+/// A client waiting in the inference backlog is then accepted and closed at once with
+/// the reserve descriptor (or served, should descriptors remain), never left hanging;
+/// once the subscribers go, the daemon serves again.
+fn out_of_descriptors_refuses_instead_of_hanging(shell: Shell) {
+    const LIMIT: usize = 128;
+    let mut d = shell.daemon().ulimit(&format!("-n {LIMIT}")).start();
+    let admins: Vec<UnixStream> = (0..LIMIT * 2)
+        .map(|_| UnixStream::connect(d.admin_path()).expect("connect to the admin socket"))
+        .collect();
+    // The daemon took what it could and closed the rest: it ran out of descriptors.
+    wait_until("an admin connection closed by the daemon", READ_TIMEOUT, || {
+        admins.iter().any(|s| {
+            let mut fds = [PollFd::new(s, PollFlags::empty())];
+            let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+            poll(&mut fds, Some(&zero)).expect("poll");
+            fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
+        })
+    });
+    let mut c = d.connect();
+    let _ = c.try_send(&req("squeezed", "any descriptor left?"));
+    // A read timeout here (the client left in the backlog) fails the test.
+    match c.try_read_reply() {
+        Ok(r) => assert!(r.is_done(), "{:?}", r.terminal),
+        Err((tokens, _closed)) => assert!(tokens.is_empty(), "cut off mid-reply"),
+    }
+    drop(admins);
+    wait_until("the daemon serves again", READ_TIMEOUT, || {
+        let mut c = d.connect();
+        let _ = c.try_send(&req("again", "served"));
+        c.try_read_reply().is_ok_and(|r| r.is_done())
+    });
+    assert!(d.terminate().success(), "stderr:\n{}", d.stderr());
 }
 
 /// Loopback TCP without an API key starts (the spec makes the key optional on
