@@ -1,15 +1,18 @@
 //! OS-side hardening (issue 15): signals that used to kill the daemon uncleanly, a log
 //! that hits a file size limit, descriptor limits, and loopback TCP without a key.
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use inferd_e2e::*;
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::process::Signal;
+use rustix::process::{Pid, Signal, kill_process};
 
 both_shells!(
     sighup_drains_like_sigterm,
+    sighup_drains_even_when_stderr_is_gone,
     file_size_limit_on_the_log_is_a_logged_write_failure,
     descriptor_limit_clamps_max_connections,
     out_of_descriptors_refuses_instead_of_hanging,
@@ -33,6 +36,58 @@ fn sighup_drains_like_sigterm(shell: Shell) {
     assert!(!d.infer_path().exists(), "infer.sock left behind");
     assert!(!d.admin_path().exists(), "admin.sock left behind");
     assert!(d.stderr().contains("SIGHUP"), "stderr:\n{}", d.stderr());
+}
+
+/// SIGHUP usually comes with the terminal gone, and stderr with it: a daemon whose
+/// stderr pipe has no reader any more still drains (writing the notice must not panic).
+fn sighup_drains_even_when_stderr_is_gone(shell: Shell) {
+    let tmp = TempDir::new("hup-stderr");
+    let infer = tmp.join("run/infer.sock");
+    let mut child = KillOnDrop(
+        shell
+            .command(&tmp)
+            .args(["serve", "--backend", "mock", "--mock-token-delay-ms", "20"])
+            .args(["--mock-tokens", "30", "--runtime-dir"])
+            .arg(tmp.join("run"))
+            .arg("--log-dir")
+            .arg(tmp.join("logs"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon"),
+    );
+    let child = &mut child.0;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut first = String::new();
+    BufReader::new(stderr).read_line(&mut first).expect("read stderr");
+    assert!(first.contains("admin socket"), "{first}");
+    // The reader is gone with the BufReader: the pipe has no reader any more.
+    wait_until("the inference socket", STARTUP_TIMEOUT, || Client::connect(&infer).is_ok());
+    let mut c = Client::connect(&infer).expect("connect");
+    c.send(&req("h", "hang up"));
+    assert!(matches!(c.next_frame(), Ok(Frame::Token { .. })), "the request streams");
+    kill_process(Pid::from_child(child), Signal::HUP).expect("kill");
+    let r = c.read_reply();
+    assert!(r.is_done(), "drained to the end: {:?}", r.terminal);
+    let mut status = None;
+    wait_until("the daemon's exit", EXIT_TIMEOUT, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    assert!(status.is_some_and(|s| s.success()), "exit status {status:?}");
+    assert!(!infer.exists(), "infer.sock left behind");
+}
+
+/// A daemon started by hand, killed if the test fails before it exits.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Under `ulimit -f` the activity log soon passes the file size limit. The daemon is not

@@ -93,7 +93,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
             seen += 1;
             if seen == 1 {
                 if signal == Signal::Hup {
-                    eprintln!("inferd: SIGHUP: draining as for SIGTERM");
+                    // The terminal that hung up may be stderr: a failed write must
+                    // not panic (eprintln! would) in the middle of the drain.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "inferd: SIGHUP: draining as for SIGTERM");
                 }
                 let _ = events.send(Event::Shutdown).await;
             } else {

@@ -221,7 +221,10 @@ pub fn shutdown_on_signals(handle: &DriverHandle) -> io::Result<SignalGuard> {
             seen += 1;
             if seen == 1 {
                 if hangup {
-                    eprintln!("inferd: SIGHUP: draining as for SIGTERM");
+                    // The terminal that hung up may be stderr: a failed write must
+                    // not panic (eprintln! would) in the middle of the drain.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "inferd: SIGHUP: draining as for SIGTERM");
                 }
                 handle.shutdown();
             } else {

@@ -416,12 +416,16 @@ impl<R: Runtime> Driver<R> {
 }
 
 /// Writes the pending activity records and tells the daemon how many were lost so far.
-/// A failure is reported once per streak, since a full disk fails every flush.
+/// A failure is reported once per streak, since a full disk fails every flush; the
+/// report itself may fail (stderr on the same full disk, or a closed terminal) and must
+/// not panic as `eprintln!` would.
 fn flush_log(log: &mut ActivityLogFile, failing: &mut bool, daemon: &mut Daemon) {
+    use std::io::Write;
     match log.flush() {
         Ok(()) => {
             if std::mem::take(failing) {
-                eprintln!(
+                let _ = writeln!(
+                    io::stderr(),
                     "inferd: activity log: writing again ({} records dropped so far)",
                     log.records_dropped()
                 );
@@ -429,7 +433,8 @@ fn flush_log(log: &mut ActivityLogFile, failing: &mut bool, daemon: &mut Daemon)
         }
         Err(e) => {
             if !std::mem::replace(failing, true) {
-                eprintln!("inferd: {e}; records are dropped until writes succeed");
+                let _ =
+                    writeln!(io::stderr(), "inferd: {e}; records are dropped until writes succeed");
             }
         }
     }
