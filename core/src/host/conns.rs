@@ -294,7 +294,8 @@ impl Conns {
                     // waiting; then take the reserve back (should that fail, the next
                     // shortage rests the listener instead).
                     self.spare = None;
-                    let refused = listener.accept();
+                    // Closed before the reserve is taken back: it uses the same slot.
+                    let refused = listener.accept().map(drop);
                     self.spare = open_spare();
                     if refused.is_err() {
                         self.rest(index, now);
