@@ -90,6 +90,8 @@ pub struct StatsEvent<'a> {
     pub prompt_cached_tokens: u64,
     /// Running total of completion tokens of served requests.
     pub completion_tokens: u64,
+    /// Activity records lost to log write failures (a full disk, a file size limit).
+    pub log_records_dropped: u64,
     /// Breaker state per backend name.
     pub breakers: Vec<(&'a str, &'static str)>,
 }
@@ -99,7 +101,7 @@ pub fn encode_stats(out: &mut Vec<u8>, s: &StatsEvent<'_>) {
     use std::io::Write;
     let _ = write!(
         out,
-        "{{\"id\":\"admin\",\"type\":\"status\",\"status\":\"stats\",\"queued\":{},\"active\":{},\"connections\":{},\"served\":{},\"rejected\":{},\"prompt_tokens\":{},\"prompt_cached_tokens\":{},\"completion_tokens\":{},\"breakers\":{{",
+        "{{\"id\":\"admin\",\"type\":\"status\",\"status\":\"stats\",\"queued\":{},\"active\":{},\"connections\":{},\"served\":{},\"rejected\":{},\"prompt_tokens\":{},\"prompt_cached_tokens\":{},\"completion_tokens\":{},\"log_records_dropped\":{},\"breakers\":{{",
         s.queued,
         s.active,
         s.connections,
@@ -107,7 +109,8 @@ pub fn encode_stats(out: &mut Vec<u8>, s: &StatsEvent<'_>) {
         s.rejected,
         s.prompt_tokens,
         s.prompt_cached_tokens,
-        s.completion_tokens
+        s.completion_tokens,
+        s.log_records_dropped
     );
     for (i, (name, state)) in s.breakers.iter().enumerate() {
         if i > 0 {
@@ -176,6 +179,7 @@ mod tests {
                 prompt_tokens: 6,
                 prompt_cached_tokens: 7,
                 completion_tokens: 8,
+                log_records_dropped: 9,
                 breakers: vec![("a", "open"), ("b", "closed")],
             },
         );
@@ -187,5 +191,6 @@ mod tests {
         assert_eq!(v["prompt_tokens"], 6);
         assert_eq!(v["prompt_cached_tokens"], 7);
         assert_eq!(v["completion_tokens"], 8);
+        assert_eq!(v["log_records_dropped"], 9);
     }
 }

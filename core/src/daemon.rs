@@ -214,6 +214,8 @@ pub struct Stats {
     pub prompt_cached_tokens: u64,
     /// Completion tokens of the requests that ended with `done`.
     pub completion_tokens: u64,
+    /// Activity records the host could not write (see [`Daemon::log_records_dropped`]).
+    pub log_records_dropped: u64,
 }
 
 /// Hashes the daemon's own sequential ids with one multiply: SipHash's protection
@@ -397,6 +399,8 @@ pub struct Daemon {
     prompt_tokens_total: u64,
     prompt_cached_total: u64,
     completion_tokens_total: u64,
+    /// Reported by the host, which owns the log file.
+    log_records_dropped: u64,
     exit_requested: bool,
     /// Draining is over; admin subscribers are being flushed and closed before the exit.
     admins_closing: bool,
@@ -436,6 +440,7 @@ impl Daemon {
             prompt_tokens_total: 0,
             prompt_cached_total: 0,
             completion_tokens_total: 0,
+            log_records_dropped: 0,
             exit_requested: false,
             admins_closing: false,
             admin_flush_expired: false,
@@ -535,6 +540,18 @@ impl Daemon {
             prompt_tokens: self.prompt_tokens_total,
             prompt_cached_tokens: self.prompt_cached_total,
             completion_tokens: self.completion_tokens_total,
+            log_records_dropped: self.log_records_dropped,
+        }
+    }
+
+    /// The host reports how many activity records it has lost to write failures so far
+    /// (a running total), for the stats event: the log itself cannot say it is missing
+    /// records.
+    pub fn log_records_dropped(&mut self, total: u64) {
+        if total != self.log_records_dropped {
+            self.log_records_dropped = total;
+            self.stats_dirty = true;
+            self.arm_stats();
         }
     }
 
@@ -1329,6 +1346,7 @@ impl Daemon {
                 prompt_tokens: s.prompt_tokens,
                 prompt_cached_tokens: s.prompt_cached_tokens,
                 completion_tokens: s.completion_tokens,
+                log_records_dropped: s.log_records_dropped,
                 breakers,
             },
         );

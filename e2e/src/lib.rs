@@ -358,6 +358,7 @@ pub struct DaemonBuilder {
     config: serde_json::Map<String, Value>,
     runtime_dir: Option<PathBuf>,
     umask: Option<u32>,
+    ulimits: Vec<String>,
 }
 
 impl DaemonBuilder {
@@ -370,6 +371,7 @@ impl DaemonBuilder {
             config: serde_json::Map::new(),
             runtime_dir: None,
             umask: None,
+            ulimits: Vec::new(),
         }
     }
 
@@ -431,20 +433,29 @@ impl DaemonBuilder {
         self
     }
 
+    /// Starts the daemon under a resource limit, given as the arguments of `/bin/sh`'s
+    /// `ulimit` (`"-f 16"`: files of at most 16 blocks of 512 bytes; `"-Sn 64"`), set in
+    /// the same way as [`umask`](Self::umask). Several calls apply in order.
+    pub fn ulimit(mut self, args: &str) -> Self {
+        self.ulimits.push(format!("ulimit {args}"));
+        self
+    }
+
     /// Starts the daemon without waiting for it.
     pub fn spawn(self) -> Daemon {
-        let DaemonBuilder { shell, tmp, backend, args, config, runtime_dir, umask } = self;
+        let DaemonBuilder { shell, tmp, backend, args, config, runtime_dir, umask, ulimits } = self;
         let run_dir = runtime_dir.unwrap_or_else(|| tmp.join("run"));
         let log_dir = tmp.join("logs");
-        let mut cmd = match umask {
-            None => shell.command(&tmp),
-            Some(mask) => {
-                let mut cmd = clean_command(Path::new("/bin/sh"), &tmp);
-                cmd.arg("-c")
-                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
-                    .arg(shell.binary());
-                cmd
-            }
+        let mut setup = ulimits;
+        setup.extend(umask.map(|mask| format!("umask {mask:03o}")));
+        let mut cmd = if setup.is_empty() {
+            shell.command(&tmp)
+        } else {
+            let mut cmd = clean_command(Path::new("/bin/sh"), &tmp);
+            cmd.arg("-c")
+                .arg(format!("{} && exec \"$0\" \"$@\"", setup.join(" && ")))
+                .arg(shell.binary());
+            cmd
         };
         cmd.arg("serve");
         if let Some(b) = &backend {

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
+use inferd_core::activity::{Level, Record};
 use inferd_core::config::{BackendSpec, ConfigError, DaemonConfig, Settings};
 use inferd_core::engine::Engine;
 use inferd_core::host::driver::ServeSetup;
 use inferd_core::host::lock::InstanceLock;
 use inferd_core::host::logfile::ActivityLogFile;
-use inferd_core::host::{paths, socket};
+use inferd_core::host::{fdlimit, paths, socket, time};
 use inferd_engine_llama::{LlamaConfig, LlamaEngine};
 use inferd_engine_mock::{MockConfig, MockEngine};
 use serde_json::Value;
@@ -293,7 +294,9 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
 
 /// The file-system steps of start-up for a resolved configuration: checks the TCP
 /// address, creates the private directories, takes the lock, binds the admin socket
-/// (0600) and opens the activity log. Embedding hosts call this directly.
+/// (0600), opens the activity log, raises the soft descriptor limit to the hard one and
+/// clamps `max_connections` to what it allows (see [`fdlimit`]). Embedding hosts call
+/// this directly.
 pub fn prepare_files(
     config: DaemonConfig,
     engines: Vec<Arc<dyn Engine>>,
@@ -319,10 +322,17 @@ pub fn prepare_files(
     let lock = InstanceLock::acquire(&paths.lock).map_err(|e| StartError::fail(e.to_string()))?;
     let admin = socket::bind_unix_listener(&paths.admin, 0o600)
         .map_err(|e| StartError::fail(e.to_string()))?;
-    let log = match &paths.log_dir {
+    let mut log = match &paths.log_dir {
         Some(dir) => Some(ActivityLogFile::open(dir).map_err(|e| StartError::fail(e.to_string()))?),
         None => None,
     };
+    let mut config = config;
+    fit_connections_to_descriptors(&mut config, log.as_mut());
+    if let Some(addr) = &tcp
+        && config.api_key.is_none()
+    {
+        warn_tcp_without_key(addr, log.as_mut());
+    }
     Ok(Prepared {
         setup: ServeSetup {
             config,
@@ -337,4 +347,55 @@ pub fn prepare_files(
         lock,
         paths,
     })
+}
+
+/// Raises the soft descriptor limit and lowers `max_connections` to what it leaves room
+/// for, warning on stderr and in the activity log (naming both numbers) when it must.
+fn fit_connections_to_descriptors(config: &mut DaemonConfig, log: Option<&mut ActivityLogFile>) {
+    let Some(limit) = fdlimit::raise_descriptor_limit() else { return };
+    let in_use = match fdlimit::open_descriptors() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("inferd: cannot count open descriptors ({e}); max_connections left as set");
+            return;
+        }
+    };
+    let allowed = fdlimit::connection_allowance(limit, in_use);
+    let wanted = config.max_connections;
+    if u64::from(wanted) <= allowed {
+        return;
+    }
+    // `allowed` < `wanted`, a u32.
+    let allowed = u32::try_from(allowed).unwrap_or(wanted);
+    config.max_connections = allowed;
+    eprintln!(
+        "inferd: warning: max_connections {wanted} is more than the descriptor limit of \
+         {limit} allows ({in_use} in use, {} reserved): serving at most {allowed} connections",
+        fdlimit::RESERVED_DESCRIPTORS + fdlimit::ADMIN_DESCRIPTORS
+    );
+    if let Some(log) = log {
+        log.push(
+            &Record::new(time::unix_millis_now(), Level::Warn, "daemon", "max_connections_clamped")
+                .num("max_connections", u64::from(wanted))
+                .num("allowed", u64::from(allowed))
+                .num("descriptor_limit", limit)
+                .finish(),
+        );
+    }
+}
+
+/// Loopback TCP without an API key lets every local user and process in, whatever the
+/// socket modes say: allowed (the spec makes the key optional on loopback), but loudly.
+fn warn_tcp_without_key(addr: &str, log: Option<&mut ActivityLogFile>) {
+    eprintln!(
+        "inferd: WARNING: serving TCP on {addr} without an API key: any local user or process \
+         can use the daemon (set --api-key or INFERD_API_KEY)"
+    );
+    if let Some(log) = log {
+        log.push(
+            &Record::new(time::unix_millis_now(), Level::Warn, "daemon", "tcp_without_api_key")
+                .str("addr", addr)
+                .finish(),
+        );
+    }
 }

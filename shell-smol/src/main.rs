@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the daemon: load the backends, then serve until SIGTERM/SIGINT.
+    /// Run the daemon: load the backends, then serve until SIGTERM/SIGINT/SIGHUP.
     Serve(Box<ServeArgs>),
     /// Send a prompt to the daemon and stream the answer to stdout.
     Generate {
@@ -69,8 +69,13 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let ex = Arc::new(smol::Executor::new());
     let driver = Driver::new(SmolRuntime::new(), prepared.setup);
     let events = driver.handle().events();
+    use async_signal::Signal;
+    // SIGHUP drains like SIGTERM: the terminal or session the daemon ran in is gone, and
+    // its default action would kill the daemon with the sockets left behind.
+    // SIGXFSZ is caught and passed over: a log write past the file size limit then
+    // fails with EFBIG (reported and counted) instead of killing the daemon.
     let signals =
-        match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
+        match async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup, Signal::Xfsz]) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("inferd: cannot install signal handlers: {e}");
@@ -81,9 +86,18 @@ fn serve(args: &ServeArgs) -> ExitCode {
         use futures_lite::StreamExt;
         let mut signals = signals;
         let mut seen = 0;
-        while let Some(Ok(_)) = signals.next().await {
+        while let Some(Ok(signal)) = signals.next().await {
+            if signal == Signal::Xfsz {
+                continue;
+            }
             seen += 1;
             if seen == 1 {
+                if signal == Signal::Hup {
+                    // The terminal that hung up may be stderr: a failed write must
+                    // not panic (eprintln! would) in the middle of the drain.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "inferd: SIGHUP: draining as for SIGTERM");
+                }
                 let _ = events.send(Event::Shutdown).await;
             } else {
                 // A second signal: the operator wants out now.

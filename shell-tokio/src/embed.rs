@@ -8,7 +8,7 @@ use inferd_core::config::{DaemonConfig, default_name};
 use inferd_core::daemon::Stats;
 use inferd_core::engine::Engine;
 use inferd_core::host::driver::{Driver, DriverHandle, ServeSetup};
-use inferd_core::host::socket;
+use inferd_core::host::{signals, socket};
 use inferd_serve::{Paths, Prepared, ServeArgs, StartError};
 use tokio::task::JoinHandle;
 
@@ -185,8 +185,10 @@ fn backend_names(engines: &[Arc<dyn Engine>]) -> Vec<String> {
 #[derive(Debug)]
 pub struct SignalGuard(#[allow(dead_code)] AbortOnDrop);
 
-/// The daemon's signal behaviour: the first SIGTERM or SIGINT asks the daemon to drain,
-/// a second one exits the process at once with status 130.
+/// The daemon's signal behaviour: the first SIGTERM, SIGINT or SIGHUP asks the daemon
+/// to drain, a second one exits the process at once with status 130. SIGXFSZ is caught
+/// and passed over, so that a write past the file size limit fails instead of killing
+/// the process.
 ///
 /// Once installed, tokio keeps its handlers even after the guard is dropped, so these
 /// signals no longer terminate the process by default (see tokio's `signal` docs).
@@ -194,16 +196,36 @@ pub fn shutdown_on_signals(handle: &DriverHandle) -> io::Result<SignalGuard> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGHUP drains like SIGTERM: the terminal or session the daemon ran in is gone, and
+    // its default action would kill the daemon with the sockets left behind.
+    let mut hup = signal(SignalKind::hangup())?;
+    // Caught and passed over: a log write past the file size limit then fails with
+    // EFBIG (reported and counted) instead of killing the process.
+    let mut xfsz = signal(SignalKind::from_raw(signals::SIGXFSZ))?;
     let handle = handle.clone();
     let task = tokio::spawn(async move {
         let mut seen = 0;
         loop {
-            let got = tokio::select! { s = term.recv() => s, s = int.recv() => s };
+            let (got, hangup) = tokio::select! {
+                s = term.recv() => (s, false),
+                s = int.recv() => (s, false),
+                s = hup.recv() => (s, true),
+                s = xfsz.recv() => match s {
+                    Some(()) => continue,
+                    None => return,
+                },
+            };
             if got.is_none() {
                 return;
             }
             seen += 1;
             if seen == 1 {
+                if hangup {
+                    // The terminal that hung up may be stderr: a failed write must
+                    // not panic (eprintln! would) in the middle of the drain.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "inferd: SIGHUP: draining as for SIGTERM");
+                }
                 handle.shutdown();
             } else {
                 // A second signal: the operator wants out now.

@@ -15,7 +15,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the daemon: load the backends, then serve until SIGTERM/SIGINT.
+    /// Run the daemon: load the backends, then serve until SIGTERM/SIGINT/SIGHUP.
     Serve(Box<ServeArgs>),
     /// Print the version.
     Version,

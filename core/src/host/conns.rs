@@ -88,6 +88,18 @@ impl Listener {
     }
 }
 
+/// Whether an accept failed because this process or the system has no descriptor left.
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(Errno::MFILE.raw_os_error()) || code == Some(Errno::NFILE.raw_os_error())
+}
+
+/// A descriptor to hold in reserve (see `Conns::spare`); `None` if none can be had.
+fn open_spare() -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()
+}
+
 /// The peer of a Unix connection, from SO_PEERCRED.
 fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> Peer {
     let creds = crate::host::peer::peer_credentials(fd);
@@ -125,6 +137,10 @@ pub struct Conns {
     resting: Vec<(usize, Time)>,
     conns: HashMap<ConnId, Conn>,
     next_conn: u64,
+    /// A descriptor held in reserve: when accept fails for want of descriptors, it is
+    /// given up for a moment to accept the waiting client and close it at once, so that
+    /// clients are refused instead of hanging in the backlog.
+    spare: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Conns {
@@ -145,6 +161,7 @@ impl Conns {
             resting: Vec::new(),
             conns: HashMap::new(),
             next_conn: 1,
+            spare: open_spare(),
         })
     }
 
@@ -272,19 +289,39 @@ impl Conns {
                         e.kind(),
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
                     ) => {}
+                Err(e) if is_out_of_descriptors(&e) && self.spare.is_some() => {
+                    // Refuse the client with the reserve descriptor rather than leave it
+                    // waiting; then take the reserve back (should that fail, the next
+                    // shortage rests the listener instead).
+                    self.spare = None;
+                    // Closed before the reserve is taken back: it uses the same slot.
+                    let refused = listener.accept().map(drop);
+                    self.spare = open_spare();
+                    if refused.is_err() {
+                        self.rest(index, now);
+                        return;
+                    }
+                }
                 Err(_) => {
-                    // Out of descriptors or memory: rest the listener rather than spin on
-                    // a level-triggered backlog we cannot take.
-                    let _ = epoll::modify(
-                        &self.epoll,
-                        listener.fd(),
-                        EventData::new_u64(LISTENER_TAG | index as u64),
-                        EventFlags::empty(),
-                    );
-                    self.resting.push((index, now + ACCEPT_BACKOFF));
+                    // Out of descriptors (with no reserve) or memory: rest the listener
+                    // rather than spin on a level-triggered backlog we cannot take.
+                    self.rest(index, now);
                     return;
                 }
             }
+        }
+    }
+
+    /// Stops watching listener `index` until `ACCEPT_BACKOFF` from `now`.
+    fn rest(&mut self, index: usize, now: Time) {
+        if let Some(Some(listener)) = self.listeners.get(index) {
+            let _ = epoll::modify(
+                &self.epoll,
+                listener.fd(),
+                EventData::new_u64(LISTENER_TAG | index as u64),
+                EventFlags::empty(),
+            );
+            self.resting.push((index, now + ACCEPT_BACKOFF));
         }
     }
 

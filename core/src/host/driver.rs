@@ -224,6 +224,8 @@ impl<R: Runtime> Driver<R> {
 
         let mut cancels: HashMap<GenId, CancelFlag> = HashMap::new();
         let mut infer_bound = false;
+        // The activity log's writes are failing (reported once per streak).
+        let mut log_failing = false;
         let mut pending: VecDeque<Event> = VecDeque::new();
         let mut busy = 0u32;
         // Events taken since the socket set was last asked; see `SOCKETS_EVERY`.
@@ -250,7 +252,7 @@ impl<R: Runtime> Driver<R> {
                         if let Some(log) = log.as_mut() {
                             log.push(&line);
                             if log.pending_bytes() >= LOG_BATCH_BYTES {
-                                let _ = log.flush();
+                                flush_log(log, &mut log_failing, &mut daemon);
                             }
                         }
                     }
@@ -308,10 +310,8 @@ impl<R: Runtime> Driver<R> {
                 if let Ok(ev) = gen_rx.try_recv() {
                     ev
                 } else {
-                    if let Some(log) = log.as_mut()
-                        && let Err(e) = log.flush()
-                    {
-                        eprintln!("inferd: activity log: {e}");
+                    if let Some(log) = log.as_mut() {
+                        flush_log(log, &mut log_failing, &mut daemon);
                     }
                     busy = 0;
                     // One timer per deadline, kept across waits: the earliest deadline (a
@@ -413,6 +413,32 @@ impl<R: Runtime> Driver<R> {
         }
         result
     }
+}
+
+/// Writes the pending activity records and tells the daemon how many were lost so far.
+/// A failure is reported once per streak, since a full disk fails every flush; the
+/// report itself may fail (stderr on the same full disk, or a closed terminal) and must
+/// not panic as `eprintln!` would.
+fn flush_log(log: &mut ActivityLogFile, failing: &mut bool, daemon: &mut Daemon) {
+    use std::io::Write;
+    match log.flush() {
+        Ok(()) => {
+            if std::mem::take(failing) {
+                let _ = writeln!(
+                    io::stderr(),
+                    "inferd: activity log: writing again ({} records dropped so far)",
+                    log.records_dropped()
+                );
+            }
+        }
+        Err(e) => {
+            if !std::mem::replace(failing, true) {
+                let _ =
+                    writeln!(io::stderr(), "inferd: {e}; records are dropped until writes succeed");
+            }
+        }
+    }
+    daemon.log_records_dropped(log.records_dropped());
 }
 
 /// What ended a wait.

@@ -3,7 +3,12 @@
 //!
 //! When to rotate is decided by [`RotationPolicy`], a plain value with no IO, so the
 //! rule can be tested (and reused by other sinks) on its own. [`ActivityLogFile`] does
-//! the IO: buffering, one `write_all` per batch, renaming generations.
+//! the IO: buffering, one write per batch, renaming generations.
+//!
+//! A record reaches the file whole or not at all: when a write stops short (a full
+//! disk, a file size limit), the file is cut back to the end of the last whole record,
+//! so that the next record starts on a line of its own; the lost records are counted
+//! ([`ActivityLogFile::records_dropped`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -73,18 +78,40 @@ pub struct LogFileError {
     pub source: io::Error,
 }
 
+/// Where the log's bytes go: the log file, or a test double that fails on cue.
+trait LogSink: std::fmt::Debug + Send {
+    /// Appends some of `buf`, as `write(2)` on an `O_APPEND` file does.
+    fn append(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Cuts the file to `len` bytes.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl LogSink for File {
+    fn append(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write(buf)
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
 /// The activity log file. Lines are collected with [`push`](Self::push) and written by
 /// [`flush`](Self::flush); dropping it flushes what is left (errors are lost then).
 #[derive(Debug)]
 pub struct ActivityLogFile {
     path: PathBuf,
-    file: File,
+    file: Box<dyn LogSink>,
     policy: RotationPolicy,
     /// Pending lines, each ending with LF.
     buf: Vec<u8>,
     /// Where each pending line ends in `buf`, so that a batch is only ever cut between
     /// lines.
     ends: Vec<usize>,
+    /// Records lost to write failures since the file was opened.
+    dropped: u64,
+    /// A failed write left part of a record at the end of the file, and cutting it off
+    /// failed too: the length to cut back to before anything else is written.
+    torn: Option<u64>,
 }
 
 impl ActivityLogFile {
@@ -108,13 +135,29 @@ impl ActivityLogFile {
         })?;
         let path = dir.join(LOG_FILE_NAME);
         let (file, size) = open_log(&path)?;
-        Ok(ActivityLogFile {
+        Ok(ActivityLogFile::with_sink(
+            path,
+            Box::new(file),
+            RotationPolicy::new(max_bytes, keep, size),
+        ))
+    }
+
+    fn with_sink(path: PathBuf, file: Box<dyn LogSink>, policy: RotationPolicy) -> Self {
+        ActivityLogFile {
             path,
             file,
-            policy: RotationPolicy::new(max_bytes, keep, size),
+            policy,
             buf: Vec::new(),
             ends: Vec::new(),
-        })
+            dropped: 0,
+            torn: None,
+        }
+    }
+
+    /// Records lost to write failures (a full disk, a file size limit) since the file
+    /// was opened. Each was left out whole: the file never holds part of a record.
+    pub fn records_dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// The current log file's path.
@@ -145,48 +188,94 @@ impl ActivityLogFile {
     /// Writes every queued line, rotating first whenever the next lines would push the
     /// file over the limit. Usually that is a single `write_all`.
     ///
-    /// On error the lines not yet written are dropped, so that a full disk cannot make
-    /// the buffer grow without bound; the error says which file failed.
+    /// On error the lines not yet written are dropped (and counted in
+    /// [`records_dropped`](Self::records_dropped)), so that a full disk cannot make the
+    /// buffer grow without bound; the error says which file failed.
     pub fn flush(&mut self) -> Result<(), LogFileError> {
-        let result = self.write_pending();
+        let mut written = 0;
+        let result = self.write_pending(&mut written);
+        if result.is_err() {
+            self.dropped += (self.ends.len() - written) as u64;
+        }
         self.buf.clear();
         self.ends.clear();
         result
     }
 
-    fn write_pending(&mut self) -> Result<(), LogFileError> {
+    /// Writes the pending lines; `written` counts those that reached the file whole.
+    fn write_pending(&mut self, written: &mut usize) -> Result<(), LogFileError> {
+        if let Some(len) = self.torn {
+            self.file.truncate(len).map_err(|source| self.error("cut back", source))?;
+            self.torn = None;
+            self.policy.current = len;
+        }
         // `planned` is the policy as if the pending chunk were already written, so each
         // line is judged against the file size it would really land on.
         let mut planned = self.policy;
-        let mut start = 0;
-        let mut line_start = 0;
+        let mut first = 0;
         for i in 0..self.ends.len() {
-            let end = self.ends[i];
-            let line_len = (end - line_start) as u64;
+            let line_start = if i == 0 { 0 } else { self.ends[i - 1] };
+            let line_len = (self.ends[i] - line_start) as u64;
             if planned.must_rotate(line_len) {
-                self.write_chunk(start, line_start)?;
-                start = line_start;
+                self.write_lines(first, i, written)?;
+                first = i;
                 self.rotate()?;
                 planned = self.policy;
             }
             planned.wrote(line_len);
-            line_start = end;
         }
-        self.write_chunk(start, line_start)
+        self.write_lines(first, self.ends.len(), written)
     }
 
-    fn write_chunk(&mut self, start: usize, end: usize) -> Result<(), LogFileError> {
-        if start == end {
+    /// Writes pending lines `first..last` (usually in one call). Should the file take
+    /// only part of them, it is cut back to the end of the last whole line.
+    fn write_lines(
+        &mut self,
+        first: usize,
+        last: usize,
+        written: &mut usize,
+    ) -> Result<(), LogFileError> {
+        if first == last {
             return Ok(());
         }
-        let chunk = &self.buf[start..end];
-        self.file.write_all(chunk).map_err(|source| LogFileError {
-            op: "write",
-            path: self.path.clone(),
-            source,
-        })?;
-        self.policy.wrote(chunk.len() as u64);
-        Ok(())
+        let start = if first == 0 { 0 } else { self.ends[first - 1] };
+        let end = self.ends[last - 1];
+        let base = self.policy.current;
+        let mut done = 0;
+        let failure = loop {
+            if start + done == end {
+                break None;
+            }
+            match self.file.append(&self.buf[start + done..end]) {
+                Ok(0) => break Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        // Lines wholly written, and the bytes they take.
+        let whole = self.ends[first..last].partition_point(|&e| e <= start + done);
+        let kept = if whole == 0 { 0 } else { self.ends[first + whole - 1] - start };
+        *written += whole;
+        let Some(source) = failure else {
+            self.policy.wrote(done as u64);
+            return Ok(());
+        };
+        if done > kept {
+            let len = base + kept as u64;
+            if let Err(cut) = self.file.truncate(len) {
+                // Cut it before the next write instead; until then the file is this long.
+                self.torn = Some(len);
+                self.policy.wrote(done as u64);
+                return Err(self.error("cut back after a failed write", cut));
+            }
+        }
+        self.policy.wrote(kept as u64);
+        Err(self.error("write", source))
+    }
+
+    fn error(&self, op: &'static str, source: io::Error) -> LogFileError {
+        LogFileError { op, path: self.path.clone(), source }
     }
 
     /// Shifts the generations up by one (`.2`→`.3`, `.1`→`.2`, file→`.1`), dropping the
@@ -195,11 +284,8 @@ impl ActivityLogFile {
         let keep = self.policy.keep;
         if keep == 0 {
             // No older generation is wanted: start the file over.
-            self.file.set_len(0).map_err(|source| LogFileError {
-                op: "truncate",
-                path: self.path.clone(),
-                source,
-            })?;
+            self.file.truncate(0).map_err(|source| self.error("truncate", source))?;
+            self.torn = None;
             self.policy.rotated();
             return Ok(());
         }
@@ -209,7 +295,8 @@ impl ActivityLogFile {
         // rename replaces the target, which is how the oldest generation is dropped.
         rename_if_present(&self.path, &generation(&self.path, 1))?;
         let (file, size) = open_log(&self.path)?;
-        self.file = file;
+        self.file = Box::new(file);
+        self.torn = None;
         self.policy.rotated();
         self.policy.wrote(size);
         Ok(())
@@ -392,6 +479,121 @@ mod tests {
         let files = generations(&tmp.0);
         let texts: Vec<&str> = files.iter().map(|(_, t)| t.as_str()).collect();
         assert_eq!(texts, ["tail\n", &format!("{}\n", "y".repeat(30)), "short\n"]);
+    }
+
+    /// A file in memory that takes at most `room` more bytes, then fails like a full
+    /// disk; truncation fails while `cut_fails` is set.
+    #[derive(Debug, Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<FakeDisk>>);
+
+    #[derive(Debug, Default)]
+    struct FakeDisk {
+        bytes: Vec<u8>,
+        room: usize,
+        cut_fails: bool,
+        writes: usize,
+    }
+
+    impl LogSink for Shared {
+        fn append(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut d = self.0.lock().unwrap();
+            d.writes += 1;
+            if d.room == 0 {
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = buf.len().min(d.room);
+            d.room -= n;
+            d.bytes.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            if d.cut_fails {
+                return Err(io::Error::from_raw_os_error(5)); // EIO
+            }
+            let len = usize::try_from(len).unwrap();
+            assert!(len <= d.bytes.len(), "truncate only ever cuts");
+            d.room += d.bytes.len() - len;
+            d.bytes.truncate(len);
+            Ok(())
+        }
+    }
+
+    fn fake_log(room: usize) -> (ActivityLogFile, Shared) {
+        let disk = Shared::default();
+        disk.0.lock().unwrap().room = room;
+        let log = ActivityLogFile::with_sink(
+            PathBuf::from("/fake/inferd.ndjson"),
+            Box::new(disk.clone()),
+            RotationPolicy::new(DEFAULT_MAX_BYTES, DEFAULT_KEEP, 0),
+        );
+        (log, disk)
+    }
+
+    fn text(disk: &Shared) -> String {
+        String::from_utf8(disk.0.lock().unwrap().bytes.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_write_cut_short_leaves_only_whole_records_and_the_next_starts_its_own_line() {
+        // Room for the first record and half of the second.
+        let (mut log, disk) = fake_log(12);
+        log.push("{\"a\":1}"); // 8 bytes with LF
+        log.push("{\"bb\":22}"); // 10 bytes
+        log.push("{\"c\":3}");
+        let err = log.flush().unwrap_err();
+        assert!(err.to_string().contains("cannot write"), "{err}");
+        assert_eq!(text(&disk), "{\"a\":1}\n", "the torn record was cut off");
+        assert_eq!(log.records_dropped(), 2);
+        assert_eq!(log.policy().current, 8);
+        assert_eq!(log.pending_bytes(), 0, "failed lines are not kept");
+
+        // Space comes back: the next record lands on a line of its own.
+        disk.0.lock().unwrap().room = 1000;
+        log.push("{\"d\":4}");
+        log.flush().unwrap();
+        assert_eq!(text(&disk), "{\"a\":1}\n{\"d\":4}\n");
+        assert_eq!(log.records_dropped(), 2);
+        assert_eq!(log.policy().current, 16);
+    }
+
+    #[test]
+    fn a_batch_goes_out_in_one_write_and_a_full_disk_drops_whole_batches() {
+        let (mut log, disk) = fake_log(1000);
+        for n in 0..10 {
+            log.push(&format!("{{\"n\":{n}}}"));
+        }
+        log.flush().unwrap();
+        assert_eq!(disk.0.lock().unwrap().writes, 1);
+        disk.0.lock().unwrap().room = 0;
+        log.push("{\"lost\":1}");
+        log.push("{\"lost\":2}");
+        assert!(log.flush().is_err());
+        assert_eq!(log.records_dropped(), 2);
+        assert_eq!(text(&disk).lines().count(), 10);
+    }
+
+    #[test]
+    fn a_failed_cut_is_retried_before_the_next_write() {
+        let (mut log, disk) = fake_log(5);
+        disk.0.lock().unwrap().cut_fails = true;
+        log.push("{\"a\":1}");
+        let err = log.flush().unwrap_err();
+        assert!(err.to_string().contains("cut back"), "{err}");
+        assert_eq!(text(&disk), "{\"a\":", "the cut failed: the torn bytes are still there");
+
+        // Still failing: nothing is appended behind the torn bytes.
+        disk.0.lock().unwrap().room = 100;
+        log.push("{\"b\":2}");
+        assert!(log.flush().is_err());
+        assert_eq!(text(&disk), "{\"a\":");
+        assert_eq!(log.records_dropped(), 2);
+
+        disk.0.lock().unwrap().cut_fails = false;
+        log.push("{\"c\":3}");
+        log.flush().unwrap();
+        assert_eq!(text(&disk), "{\"c\":3}\n");
+        assert_eq!(log.policy().current, 8);
     }
 
     #[test]

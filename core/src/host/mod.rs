@@ -3,10 +3,12 @@
 //!
 //! Only the shells use this module; the state machines of the core never import it.
 
+pub mod fdlimit;
 pub mod lock;
 pub mod logfile;
 pub mod paths;
 pub mod peer;
+pub mod signals;
 pub mod socket;
 pub mod time;
 
