@@ -360,7 +360,8 @@ fn fit_connections_to_descriptors(config: &mut DaemonConfig, log: Option<&mut Ac
             return;
         }
     };
-    let allowed = fdlimit::connection_allowance(limit, in_use);
+    let admins = u64::try_from(config.max_admin_subscribers).unwrap_or(u64::MAX);
+    let allowed = fdlimit::connection_allowance(limit, in_use, admins);
     let wanted = config.max_connections;
     if u64::from(wanted) <= allowed {
         return;
@@ -370,8 +371,9 @@ fn fit_connections_to_descriptors(config: &mut DaemonConfig, log: Option<&mut Ac
     config.max_connections = allowed;
     eprintln!(
         "inferd: warning: max_connections {wanted} is more than the descriptor limit of \
-         {limit} allows ({in_use} in use, {} reserved): serving at most {allowed} connections",
-        fdlimit::RESERVED_DESCRIPTORS + fdlimit::ADMIN_DESCRIPTORS
+         {limit} allows ({in_use} in use, {} reserved, {admins} for admin subscribers): \
+         serving at most {allowed} connections",
+        fdlimit::RESERVED_DESCRIPTORS
     );
     if let Some(log) = log {
         log.push(

@@ -15,9 +15,6 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 /// engine files, the log file while it rotates, and headroom.
 pub const RESERVED_DESCRIPTORS: u64 = 32;
 
-/// Descriptors kept for admin subscribers.
-pub const ADMIN_DESCRIPTORS: u64 = 64;
-
 /// Raises the soft descriptor limit to the hard one (as Go's runtime and most servers
 /// do: the soft default of 1024 is a guard for `select(2)`, which nothing here uses).
 /// Returns the soft limit now in force, `None` when unlimited. When raising fails the
@@ -40,10 +37,10 @@ pub fn open_descriptors() -> io::Result<u64> {
 }
 
 /// The most inference connections a process limited to `limit` descriptors, with
-/// `in_use` open already, can hold while keeping the reserve and the admin share; at
-/// least 1.
-pub fn connection_allowance(limit: u64, in_use: u64) -> u64 {
-    limit.saturating_sub(in_use + RESERVED_DESCRIPTORS + ADMIN_DESCRIPTORS).max(1)
+/// `in_use` open already, can hold while keeping the reserve and room for `admins`
+/// subscribers (the configured cap); at least 1.
+pub fn connection_allowance(limit: u64, in_use: u64, admins: u64) -> u64 {
+    limit.saturating_sub(in_use.saturating_add(RESERVED_DESCRIPTORS).saturating_add(admins)).max(1)
 }
 
 #[cfg(test)]
@@ -52,10 +49,12 @@ mod tests {
 
     #[test]
     fn allowance_keeps_the_reserve_and_never_reaches_zero() {
-        assert_eq!(connection_allowance(1024, 10), 1024 - 10 - 32 - 64);
-        assert_eq!(connection_allowance(100, 10), 1);
-        assert_eq!(connection_allowance(0, 0), 1);
-        assert_eq!(connection_allowance(u64::MAX, 5), u64::MAX - 5 - 32 - 64);
+        assert_eq!(connection_allowance(1024, 10, 64), 1024 - 10 - 32 - 64);
+        assert_eq!(connection_allowance(1024, 10, 4), 1024 - 10 - 32 - 4);
+        assert_eq!(connection_allowance(100, 10, 64), 1);
+        assert_eq!(connection_allowance(0, 0, 64), 1);
+        assert_eq!(connection_allowance(u64::MAX, 5, 64), u64::MAX - 5 - 32 - 64);
+        assert_eq!(connection_allowance(1024, 5, u64::MAX), 1);
     }
 
     #[test]
