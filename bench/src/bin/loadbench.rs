@@ -626,8 +626,8 @@ fn long_line_run(
     lat.sort_unstable();
     Ok(LongLine {
         requests: lat.len(),
-        p50_us: percentile(&lat, 0.50),
-        p99_us: percentile(&lat, 0.99),
+        p50_us: percentile(&lat, 50.0),
+        p99_us: percentile(&lat, 99.0),
         max_us: lat.last().copied().unwrap_or(0),
         cpu_ms,
         stream,
