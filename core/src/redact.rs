@@ -332,12 +332,19 @@ fn key_value(b: &[u8], sep: usize) -> Option<(usize, usize)> {
     };
     if is_auth || scheme_word(b"bearer") || scheme_word(b"basic") {
         // `Authorization: Basic xyz`, `token: Bearer xyz`: mask the scheme's credential
-        // too (masking the scheme word alone would skip the credential).
+        // too (masking the scheme word alone would skip the credential). A scheme word
+        // after the first word goes as well: `Beare Bearer xyz` must not leave `xyz`.
         while end < b.len() && b[end].is_ascii_alphabetic() {
             end += 1;
         }
         if end < b.len() && b[end] == b' ' {
             end += 1;
+            while let Some(next) = [&b"bearer "[..], b"basic "]
+                .iter()
+                .find(|w| b.len() > end + w.len() && b[end..end + w.len()].eq_ignore_ascii_case(w))
+            {
+                end += next.len();
+            }
         } else {
             end = start;
         }
@@ -391,6 +398,13 @@ mod tests {
         assert_eq!(r(r#"{"access_token" : "a\"b"}"#), r#"{"access_token" : "[REDACTED]"}"#);
         // JSON text already escaped inside a JSON string.
         assert_eq!(r(r#"{\"password\":\"hunter2\"}"#), r#"{\"password\":\"[REDACTED]\"}"#);
+    }
+
+    #[test]
+    fn every_scheme_word_before_the_credential_goes_too() {
+        assert_eq!(r("Authorization: Beare Bearer abcdefgh12345678"), "Authorization: [REDACTED]");
+        assert_eq!(r("authorization=Basic Basic dXNlcjpwYXNz x"), "authorization=[REDACTED] x");
+        assert_eq!(r("token: Bearer bearer BASIC abc123 x"), "token: [REDACTED] x");
     }
 
     #[test]
