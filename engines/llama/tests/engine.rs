@@ -113,7 +113,8 @@ fn full_context_ends_with_length() {
 #[test]
 fn prompt_longer_than_context_fails() {
     let engine = loaded(64);
-    let long = "word ".repeat(200);
+    // Short enough in bytes to be tokenized, too long in tokens.
+    let long = "word ".repeat(40);
     let (text, result) = run(&engine, &request(&long));
     let e = result.unwrap_err();
     assert_eq!(text, "");
@@ -284,7 +285,11 @@ fn seeded_sampling_is_reproducible() {
     let (a, ra) = run(&engine, &req);
     let (b, rb) = run(&engine, &req);
     assert_eq!(a, b);
-    assert_eq!(ra.unwrap(), rb.unwrap());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.usage, ra.stop_reason), (rb.usage, rb.stop_reason));
+    // The second run found all but the last prompt token cached, and sampled the same.
+    assert_eq!(ra.prompt_cached_tokens, 0);
+    assert_eq!(rb.prompt_cached_tokens, rb.usage.prompt_tokens - 1);
     // Another engine, same seed: same output.
     let (c, _) = run(&loaded(256), &req);
     assert_eq!(a, c);
