@@ -84,6 +84,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod batch;
+mod gbnf;
 mod log;
 mod model;
 mod sampling;

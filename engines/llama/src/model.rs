@@ -280,6 +280,27 @@ impl Model {
         }
     }
 
+    /// Whether `text`, special tokens parsed, is exactly one token (what a grammar's
+    /// `<text>` must be).
+    pub(crate) fn is_one_token(&self, text: &[u8]) -> bool {
+        let Ok(len) = i32::try_from(text.len()) else { return false };
+        let mut tokens = [0 as sys::llama_token; 2];
+        // SAFETY: `text` is `len` readable bytes; `tokens` has room for the 2 tokens the
+        // call may write (it returns a negative count when more would be needed).
+        let n = unsafe {
+            sys::llama_tokenize(
+                self.vocab(),
+                text.as_ptr().cast::<c_char>(),
+                len,
+                tokens.as_mut_ptr(),
+                2,
+                false,
+                true,
+            )
+        };
+        n == 1
+    }
+
     /// The raw bytes of a token's text.
     pub(crate) fn piece(
         &self,

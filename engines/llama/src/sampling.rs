@@ -106,11 +106,15 @@ fn chain(req: &GenerateRequest, default_seed: u64) -> Result<Sampler, EngineErro
     Ok(chain)
 }
 
-/// Builds the grammar sampler of a request, if it has a grammar.
+/// Builds the grammar sampler of a request, if it has a grammar. The grammar is checked
+/// by [`crate::gbnf`] first: llama.cpp prints a grammar it cannot parse straight to
+/// stderr, past every log sink, so such a grammar never reaches it.
 fn grammar(model: &Model, req: &GenerateRequest) -> Result<Option<Sampler>, EngineError> {
     if req.grammar.is_empty() {
         return Ok(None);
     }
+    crate::gbnf::check(&req.grammar, &|text| model.is_one_token(text))
+        .map_err(|e| EngineError::invalid_request(format!("invalid grammar: {e}")))?;
     let grammar = CString::new(req.grammar.as_bytes())
         .map_err(|_| EngineError::invalid_request("the grammar contains a NUL character"))?;
     let mark = LogMark::now();

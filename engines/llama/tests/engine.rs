@@ -383,3 +383,45 @@ fn empty_message_still_generates() {
     assert_eq!(text, SENTENCE);
     assert_eq!(completion.usage.prompt_tokens, 1, "just the BOS token");
 }
+
+/// Grammars a hostile client might send: none parses, each carries secrets and a forged
+/// log line.
+const SECRET_GRAMMARS: [&str; 4] = [
+    "root ::= \"a\" ; api_key=sk-proj-abcdefghijklmnopqrstuv password=hunter2\ninferd: forged",
+    "root ::= ( \"api_key=sk-proj-abcdefghijklmnopqrstuv\"\ninferd: forged hunter2",
+    "root ::= [a-\ninferd: forged sk-proj-abcdefghijklmnopqrstuv hunter2",
+    "root ::= undefined-rule\n# sk-proj-abcdefghijklmnopqrstuv hunter2\ninferd: forged",
+];
+
+/// Runs only as the child of `invalid_grammars_never_reach_stderr`.
+#[test]
+fn child_sends_secret_grammars() {
+    if std::env::var_os("INFERD_TEST_GRAMMAR_CHILD").is_none() {
+        return;
+    }
+    let engine = loaded(256);
+    for grammar in SECRET_GRAMMARS {
+        let req = GenerateRequest { grammar: grammar.into(), ..request("Tell me") };
+        let e = run(&engine, &req).1.unwrap_err();
+        assert_eq!(e.kind, EngineErrorKind::InvalidRequest, "{e}");
+    }
+    eprintln!("child done");
+}
+
+#[test]
+fn invalid_grammars_never_reach_stderr() {
+    // llama.cpp prints grammars it cannot parse straight to stderr, so the check runs in
+    // a child process whose stderr is captured.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_sends_secret_grammars", "--nocapture", "--test-threads=1"])
+        .env("INFERD_TEST_GRAMMAR_CHILD", "1")
+        .env_remove("INFERD_LLAMA_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {stderr}");
+    assert!(stderr.contains("child done"), "the child ran: {stderr}");
+    for secret in ["sk-proj-", "hunter2", "inferd: forged"] {
+        assert!(!stderr.contains(secret), "{secret:?} reached stderr: {stderr}");
+    }
+}
