@@ -425,3 +425,18 @@ fn invalid_grammars_never_reach_stderr() {
         assert!(!stderr.contains(secret), "{secret:?} reached stderr: {stderr}");
     }
 }
+
+#[test]
+fn a_prompt_too_long_in_bytes_is_refused_before_tokenizing() {
+    let engine = loaded(64);
+    // Megabytes of text outside the vocabulary (byte-fallback tokens): tokenizing it all
+    // would be slow; its length alone shows it cannot fit.
+    let huge = "你好🦀".repeat(300_000);
+    let (text, result) = run(&engine, &request(&huge));
+    let e = result.unwrap_err();
+    assert_eq!(text, "");
+    assert_eq!(e.kind, EngineErrorKind::InvalidRequest);
+    assert!(e.message.contains("bytes, more than a context of 64 tokens can hold"), "{e}");
+    // The engine still serves.
+    assert_eq!(run(&engine, &request("Tell me a story")).0, SENTENCE);
+}

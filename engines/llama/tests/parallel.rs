@@ -293,3 +293,46 @@ fn cancelling_during_prefill_frees_the_slot_at_the_next_step() {
     assert!(again.prompt_cached_tokens > 0, "{again:?}");
     assert!(again.prompt_cached_tokens < again.usage.prompt_tokens - 1, "{again:?}");
 }
+
+/// Opt-in: with `INFERD_TEST_MODEL=/path/to/model.gguf` (e.g. Gemma 3 270M from
+/// `fetch-gemma3-270m.sh`), four concurrent requests and a resent second turn on a real
+/// chat model. Without the variable it checks nothing.
+#[test]
+fn real_model_serves_concurrent_requests_and_reuses_prefixes() {
+    let Some(path) = std::env::var_os("INFERD_TEST_MODEL") else { return };
+    let config = LlamaConfig {
+        n_ctx: 1024,
+        n_parallel: 4,
+        n_threads: 2,
+        ..LlamaConfig::new(PathBuf::from(path))
+    };
+    let engine = Arc::new(LlamaEngine::new(config));
+    engine.load(&mut |_| {}).expect("the model loads");
+    let questions =
+        ["What is the capital of France?", "Name a color.", "Count to five.", "Say hi."];
+    let alone: Vec<Outcome> = questions
+        .iter()
+        .map(|q| run(&engine, &GenerateRequest { max_tokens: 24, ..request(q) }))
+        .collect();
+    let reqs = questions
+        .iter()
+        .map(|q| (GenerateRequest { max_tokens: 24, ..request(q) }, CancelFlag::new(), None))
+        .collect();
+    let together = together(&engine, reqs);
+    assert_eq!(engine.largest_batch(), 4);
+    for ((a, ra), (b, rb)) in alone.iter().zip(&together) {
+        let (ra, rb) = (ra.as_ref().unwrap(), rb.as_ref().unwrap());
+        eprintln!("alone {a:?} {ra:?}\ntogether {b:?} {rb:?}");
+        assert!(!b.is_empty());
+        assert_eq!(ra.usage.prompt_tokens, rb.usage.prompt_tokens);
+    }
+    let first = messages(&[questions[0]]);
+    let (reply, _) =
+        run(&engine, &GenerateRequest { messages: first, max_tokens: 24, ..request("") });
+    let second = messages(&[questions[0], reply.trim(), "And of Italy?"]);
+    let (text, result) =
+        run(&engine, &GenerateRequest { messages: second, max_tokens: 24, ..request("") });
+    let turn2 = result.unwrap();
+    eprintln!("turn 2 {text:?} {turn2:?}");
+    assert!(!text.is_empty());
+}
