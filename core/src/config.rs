@@ -163,6 +163,7 @@ const KIND_OPTIONS: &[(&str, &str)] = &[
     ("model_path", "llamacpp"),
     ("model_sha256", "llamacpp"),
     ("n_ctx", "llamacpp"),
+    ("n_parallel", "llamacpp"),
     ("n_gpu_layers", "llamacpp"),
     ("n_threads", "llamacpp"),
     ("mock_tokens", "mock"),

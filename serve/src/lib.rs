@@ -49,7 +49,8 @@ pub struct ServeArgs {
     /// Group given read/write access to the inference socket.
     #[arg(long, env = "INFERD_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
-    /// Requests generating at once [default: 1].
+    /// Requests generating at once [default: the sum of the backends' parallelism:
+    /// `--n-parallel` for llamacpp, 1 for mock].
     #[arg(long, env = "INFERD_ACTIVE_PERMITS", value_name = "N")]
     pub active_permits: Option<u32>,
     /// Requests waiting at once [default: 10].
@@ -88,9 +89,13 @@ pub struct ServeArgs {
     /// Refuse to start unless the model file has this SHA-256.
     #[arg(long, env = "INFERD_MODEL_SHA256", value_name = "HEX")]
     pub model_sha256: Option<String>,
-    /// Context length for llamacpp; 0 uses the model's [default: 4096].
+    /// Context length of each llamacpp sequence; 0 uses the model's [default: 4096]. The
+    /// KV cache holds n_parallel x n_ctx tokens.
     #[arg(long, env = "INFERD_N_CTX", value_name = "N")]
     pub n_ctx: Option<u32>,
+    /// Sequences a llamacpp backend decodes together (continuous batching) [default: 4].
+    #[arg(long, env = "INFERD_N_PARALLEL", value_name = "N")]
+    pub n_parallel: Option<u32>,
     /// Layers to offload to a GPU (llamacpp) [default: 0].
     #[arg(long, env = "INFERD_N_GPU_LAYERS", value_name = "N")]
     pub n_gpu_layers: Option<u32>,
@@ -168,6 +173,7 @@ impl ServeArgs {
         set("model_path", self.model_path.clone().map(Value::from))?;
         set("model_sha256", self.model_sha256.clone().map(Value::from))?;
         set("n_ctx", self.n_ctx.map(Value::from))?;
+        set("n_parallel", self.n_parallel.map(Value::from))?;
         set("n_gpu_layers", self.n_gpu_layers.map(Value::from))?;
         set("n_threads", self.n_threads.map(Value::from))?;
         set("mock_tokens", self.mock_tokens.map(Value::from))?;
@@ -219,6 +225,26 @@ pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
         }
         other => Err(format!("backend {spec}: unknown kind {other:?}")),
     }
+}
+
+/// The daemon's configuration for `settings` serving `engines`: `active_permits`, unless
+/// set, follows the engines' parallelism ([`default_active_permits`]).
+pub fn daemon_config(
+    settings: &Settings,
+    engines: &[Arc<dyn Engine>],
+) -> Result<DaemonConfig, ConfigError> {
+    let mut config = settings.daemon_config()?;
+    if settings.active_permits.is_none() {
+        config.active_permits = default_active_permits(engines);
+    }
+    Ok(config)
+}
+
+/// The `active_permits` used when none is configured: as many requests generate at
+/// once as the backends can run together (the sum of their parallelism, at least 1),
+/// so a backend that batches gets enough requests to batch.
+pub fn default_active_permits(engines: &[Arc<dyn Engine>]) -> u32 {
+    engines.iter().fold(0u32, |sum, e| sum.saturating_add(e.parallelism().max(1))).max(1)
 }
 
 /// Where the daemon's files go, resolved from the settings.
@@ -276,13 +302,14 @@ pub const NO_BACKEND: &str = "no backend configured.\n\
 /// socket and opens the activity log.
 pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     let settings = args.settings()?;
-    let config = settings.daemon_config()?;
+    settings.daemon_config()?;
     let specs = settings.resolved_backends();
     if specs.is_empty() {
         return Err(StartError::usage(NO_BACKEND));
     }
     let engines =
         specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>().map_err(StartError::usage)?;
+    let config = daemon_config(&settings, &engines)?;
     prepare_files(
         config,
         engines,
@@ -398,6 +425,65 @@ fn warn_tcp_without_key(addr: &str, log: Option<&mut ActivityLogFile>) {
             &Record::new(time::unix_millis_now(), Level::Warn, "daemon", "tcp_without_api_key")
                 .str("addr", addr)
                 .finish(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(backend: &str) -> ServeArgs {
+        ServeArgs {
+            config: Some(PathBuf::from("/dev/null/none")),
+            backend: Some(backend.into()),
+            model_path: Some("/m.gguf".into()),
+            ..ServeArgs::default()
+        }
+    }
+
+    fn engines_of(settings: &Settings) -> Vec<Arc<dyn Engine>> {
+        settings.resolved_backends().iter().map(build_engine).collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn n_parallel_reaches_the_llama_backend_and_the_permits() {
+        let a = ServeArgs { n_parallel: Some(3), ..args("llamacpp") };
+        let settings = a.to_settings().unwrap();
+        let engines = engines_of(&settings);
+        assert_eq!(engines[0].parallelism(), 3);
+        assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 3);
+
+        // The default parallelism of llamacpp is 4; the mock's stays 1.
+        let settings = args("llamacpp").to_settings().unwrap();
+        let engines = engines_of(&settings);
+        assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 4);
+        let settings = args("mock").to_settings().unwrap();
+        let engines = engines_of(&settings);
+        assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 1);
+
+        // An explicit value wins.
+        let a = ServeArgs { active_permits: Some(2), n_parallel: Some(8), ..args("llamacpp") };
+        let settings = a.to_settings().unwrap();
+        let engines = engines_of(&settings);
+        assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 2);
+    }
+
+    #[test]
+    fn permits_sum_over_backends() {
+        let settings = Settings::from_json(
+            r#"{"backends": [{"kind": "llamacpp", "model_path": "/m", "n_parallel": 6},
+                             {"kind": "mock"}]}"#,
+        )
+        .unwrap();
+        let engines = engines_of(&settings);
+        assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 7);
+        assert!(
+            Settings::from_json(
+                r#"{"backends": [{"kind": "llamacpp", "model_path": "/m", "n_parallel": 0}]}"#
+            )
+            .map(|s| s.resolved_backends().iter().map(build_engine).all(|e| e.is_err()))
+            .unwrap()
         );
     }
 }

@@ -1,15 +1,39 @@
 //! The llama.cpp engine of inferd: GGUF models run in process through the raw C API of
 //! [`llama_cpp_sys_2`], no subprocess.
 //!
-//! # Threads
+//! # Threads and batching
 //!
 //! llama.cpp's model and context are not thread safe, so [`LlamaEngine::load`] starts one
-//! worker thread that loads them and owns them until the engine is dropped. Each
-//! [`Engine::generate`] call sends its request to that worker over a channel and blocks
-//! on a second channel, calling `on_token` on its own thread as pieces arrive. Requests
-//! are served one at a time, in the order they reach the worker. The cancel flag is
-//! checked by the worker between tokens (and between prompt batches); a token that
-//! arrives after the flag was raised is not passed to `on_token` and not counted.
+//! worker thread that loads them and owns the context until the engine is dropped. Each
+//! [`Engine::generate`] call templates and tokenizes its prompt on its own thread (the
+//! model is read-only by then), sends it to the worker, and calls `on_token` on its own
+//! thread as pieces arrive.
+//!
+//! The context holds `n_parallel` sequences (default 4) of `n_ctx` tokens each: the KV
+//! cache holds `n_parallel x n_ctx`. The worker runs one decode loop: each step is one
+//! `llama_decode` of a batch with the next token of every generating sequence and
+//! chunks of the prompts of starting ones (at most `n_batch` tokens in all, the prompt
+//! room shared round robin), so a long prompt is read between other streams' tokens.
+//! Every sequence samples with its own chain. Requests beyond `n_parallel` wait at the
+//! worker in arrival order. [`Engine::parallelism`] is `n_parallel`.
+//!
+//! # Prefix reuse
+//!
+//! Each sequence slot remembers the tokens in its KV cache after its last request. A
+//! new request takes the free slot whose tokens share the longest prefix with its
+//! prompt (else the least recently used one), drops the KV cells past that prefix and
+//! reads only the rest; at least the last prompt token is always read again, so the
+//! first sample has fresh logits. [`Completion::prompt_cached_tokens`] says how many
+//! were reused. Where the memory cannot drop part of a sequence, the slot is cleared
+//! and the whole prompt read.
+//!
+//! # Cancellation
+//!
+//! The cancel flag is checked by the worker before every step: a cancelled request
+//! leaves the batch at the next step (also while its prompt is being read) and its slot
+//! is free at once. A decode whose sequences are all cancelled is interrupted through
+//! llama.cpp's abort callback. A token that arrives after the flag was raised is not
+//! passed to `on_token` and not counted.
 //!
 //! # Prompt
 //!
@@ -27,8 +51,8 @@
 //!
 //! Temperature 0 samples greedily. Otherwise the chain is top-k (when `top_k > 0`),
 //! top-p (when `top_p < 1`), temperature, then a seeded draw. The seed is the request's
-//! `seed`, or else `0xC0FFEE ^ n` where `n` counts the requests this engine has served
-//! before (starting at 0), so runs are reproducible without any randomness. llama.cpp
+//! `seed`, or else `0xC0FFEE ^ n` where `n` counts the requests this engine's worker
+//! started before (starting at 0), so runs are reproducible without any randomness. llama.cpp
 //! takes a 32-bit seed: a 64-bit seed is folded as `low ^ high`, and the one 32-bit
 //! value llama.cpp reads as "random" (`0xFFFFFFFF`) is replaced by `0xFFFFFFFE`.
 //! A non-empty `grammar` (GBNF, start symbol `root`) constrains sampling: it is applied
@@ -59,28 +83,43 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod batch;
+mod gbnf;
 mod log;
+mod model;
+mod sampling;
+mod scheduler;
 mod session;
+mod slots;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use inferd_core::engine::{
     CancelFlag, Capabilities, Completion, Engine, EngineError, GenerateRequest, LoadPhase, Message,
-    StopReason,
+    StopReason, Usage,
 };
 use serde_json::{Map, Value};
 
+use crate::model::Model;
+use crate::scheduler::{Event, Job, Msg, Scheduler};
 use crate::session::Session;
 
 /// The engine kind, as [`Engine::kind`] reports it.
 pub const KIND: &str = "llamacpp";
 
-/// The default context length, in tokens.
+/// The default context length of one sequence, in tokens.
 pub const DEFAULT_N_CTX: u32 = 4096;
+
+/// The default number of sequences decoded together.
+pub const DEFAULT_N_PARALLEL: u32 = 4;
+
+/// The default most tokens one decode step takes (prompt chunks included).
+pub const DEFAULT_N_BATCH: u32 = 512;
 
 /// The most threads the default [`LlamaConfig::n_threads`] uses.
 pub const MAX_DEFAULT_THREADS: u32 = 4;
@@ -95,8 +134,14 @@ pub struct LlamaConfig {
     pub model_path: PathBuf,
     /// The file's expected sha256 (hex, either case); checked at load when set.
     pub model_sha256: Option<String>,
-    /// Context length in tokens; 0 takes the model's training context. Default 4096.
+    /// Context length of one sequence in tokens; 0 takes the model's training context.
+    /// Default 4096. The KV cache holds `n_parallel` times this.
     pub n_ctx: u32,
+    /// Sequences generated together in one context (continuous batching); default 4.
+    pub n_parallel: u32,
+    /// The most tokens one decode step takes: every generating sequence's next token
+    /// plus prompt chunks of starting ones. Default 512; at least `n_parallel`.
+    pub n_batch: u32,
     /// Layers to offload to a GPU; default 0. This build of llama.cpp is CPU-only, so
     /// the value only matters to GPU-enabled builds.
     pub n_gpu_layers: u32,
@@ -111,13 +156,15 @@ impl LlamaConfig {
             model_path: model_path.into(),
             model_sha256: None,
             n_ctx: DEFAULT_N_CTX,
+            n_parallel: DEFAULT_N_PARALLEL,
+            n_batch: DEFAULT_N_BATCH,
             n_gpu_layers: 0,
             n_threads: default_threads(),
         }
     }
 
     /// Reads a backend's options: `model_path` (required), `model_sha256`, `n_ctx`,
-    /// `n_gpu_layers`, `n_threads`. `kind` and `name` are ignored; any other key is an
+    /// `n_parallel`, `n_batch`, `n_gpu_layers`, `n_threads`. `kind` and `name` are ignored; any other key is an
     /// error naming it.
     pub fn from_options(options: &Map<String, Value>) -> Result<LlamaConfig, String> {
         let mut config = LlamaConfig::new(PathBuf::new());
@@ -159,6 +206,17 @@ impl LlamaConfig {
                     }
                 }
                 "n_ctx" => config.n_ctx = unsigned32(key, value)?,
+                "n_parallel" | "n_batch" => {
+                    let n = unsigned32(key, value)?;
+                    if n == 0 {
+                        return Err(format!("llamacpp option `{key}`: must be at least 1"));
+                    }
+                    if key == "n_parallel" {
+                        config.n_parallel = n;
+                    } else {
+                        config.n_batch = n;
+                    }
+                }
                 "n_gpu_layers" => config.n_gpu_layers = unsigned32(key, value)?,
                 "n_threads" => {
                     config.n_threads = unsigned32(key, value)?;
@@ -168,7 +226,7 @@ impl LlamaConfig {
                 }
                 other => {
                     return Err(format!(
-                        "unknown llamacpp option `{other}` (known: model_path, model_sha256, n_ctx, n_gpu_layers, n_threads)"
+                        "unknown llamacpp option `{other}` (known: model_path, model_sha256, n_ctx, n_parallel, n_batch, n_gpu_layers, n_threads)"
                     ));
                 }
             }
@@ -212,29 +270,114 @@ fn type_name(value: &Value) -> &'static str {
     }
 }
 
-/// A generation for the worker.
-struct Job {
-    request: GenerateRequest,
-    cancel: CancelFlag,
-    events: Sender<Event>,
-}
-
-/// What the worker reports about a generation.
-enum Event {
-    Token(Vec<u8>),
-    Done(Result<Completion, EngineError>),
-}
-
 /// What the worker reports while loading.
 enum LoadEvent {
     Phase(LoadPhase),
-    Ready(Result<Capabilities, EngineError>),
+    Ready(Result<Loaded, EngineError>),
+}
+
+/// What a successful load hands back to the engine.
+struct Loaded {
+    capabilities: Capabilities,
+    model: Arc<Model>,
+    n_ctx: u32,
 }
 
 /// The running worker.
 struct Worker {
-    jobs: Sender<Job>,
+    msgs: Sender<Msg>,
+    model: Arc<Model>,
+    n_ctx: u32,
     thread: Option<JoinHandle<()>>,
+}
+
+/// One decode step, as [`LlamaEngine::set_step_hook`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// Of them, those that decoded their last sampled token.
+    pub generating: usize,
+    /// Of them, those that decoded a chunk of their prompt.
+    pub prefilling: usize,
+    /// Tokens in the batch.
+    pub tokens: usize,
+}
+
+/// A function the worker calls after every successful decode step (for tests and
+/// diagnostics: it runs on the decode thread, so it sees each step in order).
+pub type StepHook = Box<dyn FnMut(&Step) + Send>;
+
+/// Holds new requests back from the decode loop (see [`LlamaEngine::hold`]).
+#[derive(Default)]
+struct Gate {
+    /// (held, requests waiting at the worker)
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held(&self) -> bool {
+        self.lock().0
+    }
+
+    fn set_held(&self, held: bool) {
+        self.lock().0 = held;
+    }
+
+    fn set_waiting(&self, n: usize) {
+        let mut state = self.lock();
+        if state.1 != n {
+            state.1 = n;
+            self.changed.notify_all();
+        }
+    }
+
+    fn wait_for(&self, n: usize) {
+        let mut state = self.lock();
+        while state.1 < n {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// What the engine and its worker share.
+#[derive(Default)]
+struct Shared {
+    /// The most sequences one decode has held.
+    largest_batch: AtomicUsize,
+    /// Test hook: act as if the memory could not drop a partial range.
+    full_prefill: AtomicBool,
+    gate: Gate,
+    hook: Mutex<Option<StepHook>>,
+}
+
+/// While alive, the engine's decode loop starts no new request: they wait at the worker
+/// in arrival order, and all start together (as far as slots allow) when it is dropped.
+/// Made by [`LlamaEngine::hold`]; lets tests start concurrent requests in one step
+/// without timing assumptions.
+pub struct Hold<'a> {
+    engine: &'a LlamaEngine,
+}
+
+impl Hold<'_> {
+    /// Blocks until `n` requests are waiting at the worker.
+    pub fn wait_for(&self, n: usize) {
+        self.engine.shared.gate.wait_for(n);
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.engine.shared.gate.set_held(false);
+        if let Some(worker) = self.engine.worker.get() {
+            let _ = worker.msgs.send(Msg::Wake);
+        }
+    }
 }
 
 /// The llama.cpp engine. Cheap to make; [`Engine::load`] loads the model on a worker
@@ -244,17 +387,47 @@ pub struct LlamaEngine {
     worker: OnceLock<Worker>,
     /// Held while loading, so two loads do not race.
     loading: Mutex<()>,
+    shared: Arc<Shared>,
 }
 
 impl LlamaEngine {
     /// An engine for `config`; nothing is loaded yet.
     pub fn new(config: LlamaConfig) -> LlamaEngine {
-        LlamaEngine { config, worker: OnceLock::new(), loading: Mutex::new(()) }
+        LlamaEngine {
+            config,
+            worker: OnceLock::new(),
+            loading: Mutex::new(()),
+            shared: Arc::default(),
+        }
     }
 
     /// The configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// The most sequences one decode step has held so far: above 1 when requests were
+    /// decoded together.
+    pub fn largest_batch(&self) -> usize {
+        self.shared.largest_batch.load(Ordering::Relaxed)
+    }
+
+    /// Holds new requests back from the decode loop until the returned guard is dropped.
+    pub fn hold(&self) -> Hold<'_> {
+        self.shared.gate.set_held(true);
+        Hold { engine: self }
+    }
+
+    /// Installs (or with `None` removes) a function called after every decode step.
+    pub fn set_step_hook(&self, hook: Option<StepHook>) {
+        *self.shared.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// Makes the engine behave as if the model's memory could not drop part of a
+    /// sequence (as with recurrent or sliding-window models): every request then
+    /// prefills its whole prompt. For testing that fallback on models that can.
+    pub fn force_full_prefill(&self, on: bool) {
+        self.shared.full_prefill.store(on, Ordering::Relaxed);
     }
 }
 
@@ -267,31 +440,47 @@ impl std::fmt::Debug for LlamaEngine {
     }
 }
 
-/// The worker: loads the session, reports, then serves jobs until the engine goes.
-fn worker_main(config: LlamaConfig, load_events: Sender<LoadEvent>, jobs: Receiver<Job>) {
+/// The worker: loads the session, reports, then runs the decode loop until the engine goes.
+fn worker_main(
+    config: LlamaConfig,
+    shared: Arc<Shared>,
+    load_events: Sender<LoadEvent>,
+    msgs: Receiver<Msg>,
+) {
     let loaded = Session::load(&config, &mut |phase| {
         let _ = load_events.send(LoadEvent::Phase(phase));
     });
-    let mut session = match loaded {
+    let session = match loaded {
         Ok(session) => session,
         Err(e) => {
             let _ = load_events.send(LoadEvent::Ready(Err(e)));
             return;
         }
     };
-    let _ = load_events.send(LoadEvent::Ready(Ok(session.capabilities())));
+    let ready = Loaded {
+        capabilities: session.capabilities(),
+        model: Arc::clone(session.model()),
+        n_ctx: session.n_ctx(),
+    };
+    let scheduler = match Scheduler::new(session, shared) {
+        Ok(scheduler) => scheduler,
+        Err(e) => {
+            let _ = load_events.send(LoadEvent::Ready(Err(e)));
+            return;
+        }
+    };
+    let _ = load_events.send(LoadEvent::Ready(Ok(ready)));
     drop(load_events);
-    while let Ok(Job { request, cancel, events }) = jobs.recv() {
-        let result = session.generate(&request, &cancel, &mut |bytes| {
-            events.send(Event::Token(bytes.to_vec())).is_ok()
-        });
-        let _ = events.send(Event::Done(result));
-    }
+    scheduler.run(msgs);
 }
 
 impl Engine for LlamaEngine {
     fn kind(&self) -> &str {
         KIND
+    }
+
+    fn parallelism(&self) -> u32 {
+        self.config.n_parallel.max(1)
     }
 
     fn load(&self, progress: &mut dyn FnMut(LoadPhase)) -> Result<Capabilities, EngineError> {
@@ -302,10 +491,11 @@ impl Engine for LlamaEngine {
         let (load_tx, load_rx) = mpsc::channel();
         let (job_tx, job_rx) = mpsc::channel();
         let config = self.config.clone();
+        let shared = Arc::clone(&self.shared);
         let thread = thread::Builder::new()
             .name("inferd-llama".into())
             .stack_size(WORKER_STACK)
-            .spawn(move || worker_main(config, load_tx, job_rx))
+            .spawn(move || worker_main(config, shared, load_tx, job_rx))
             .map_err(|e| {
                 EngineError::unavailable(format!("llamacpp: cannot start the worker thread: {e}"))
             })?;
@@ -321,9 +511,10 @@ impl Engine for LlamaEngine {
             }
         };
         match result {
-            Ok(capabilities) => {
+            Ok(Loaded { capabilities, model, n_ctx }) => {
                 // Cannot fail: `loading` is held and the cell was empty.
-                let _ = self.worker.set(Worker { jobs: job_tx, thread: Some(thread) });
+                let _ =
+                    self.worker.set(Worker { msgs: job_tx, model, n_ctx, thread: Some(thread) });
                 Ok(capabilities)
             }
             Err(e) => {
@@ -343,9 +534,19 @@ impl Engine for LlamaEngine {
         let Some(worker) = self.worker.get() else {
             return Err(EngineError::unavailable("llamacpp: the model is not loaded"));
         };
+        // Templating and tokenizing happen here, on the caller's thread, so a long prompt
+        // delays only its own request, never the decode loop.
+        let Some(prompt) = worker.model.prompt(&request.messages, worker.n_ctx, cancel)? else {
+            return Ok(Completion::new(Usage::default(), StopReason::Cancelled));
+        };
         let (events_tx, events) = mpsc::channel();
-        let job = Job { request: request.clone(), cancel: cancel.clone(), events: events_tx };
-        if worker.jobs.send(job).is_err() {
+        let job = Job {
+            tokens: prompt.tokens,
+            request: request.clone(),
+            cancel: cancel.clone(),
+            events: events_tx,
+        };
+        if worker.msgs.send(Msg::Job(job)).is_err() {
             return Err(EngineError::unavailable("llamacpp: the worker thread has stopped"));
         }
         // Tokens that arrive after a cancel are dropped, so the caller sees exactly what
@@ -377,9 +578,9 @@ impl Engine for LlamaEngine {
 
 impl Drop for LlamaEngine {
     fn drop(&mut self) {
-        if let Some(Worker { jobs, thread }) = self.worker.take() {
-            // Closing the job channel ends the worker's loop; it frees llama.cpp's objects.
-            drop(jobs);
+        if let Some(Worker { msgs, thread, .. }) = self.worker.take() {
+            // Closing the channel ends the worker's loop; it frees llama.cpp's objects.
+            drop(msgs);
             if let Some(thread) = thread {
                 let _ = thread.join();
             }
@@ -499,14 +700,14 @@ mod tests {
     #[test]
     fn helpers() {
         assert_eq!(session::to_hex(&[0x00, 0xab, 0xff]), "00abff");
-        assert_eq!(session::fold_seed(7), 7);
-        assert_eq!(session::fold_seed(u64::from(u32::MAX)), u32::MAX - 1);
-        assert_eq!(session::fold_seed(1 << 32 | 1), 0);
+        assert_eq!(sampling::fold_seed(7), 7);
+        assert_eq!(sampling::fold_seed(u64::from(u32::MAX)), u32::MAX - 1);
+        assert_eq!(sampling::fold_seed(1 << 32 | 1), 0);
         let m = |content: &str| Message {
             role: inferd_core::engine::Role::User,
             content: content.into(),
         };
-        assert_eq!(session::plain_prompt(&[m("a"), m("b c")]), "a\nb c");
+        assert_eq!(model::plain_prompt(&[m("a"), m("b c")]), "a\nb c");
     }
 
     #[test]

@@ -113,7 +113,8 @@ fn full_context_ends_with_length() {
 #[test]
 fn prompt_longer_than_context_fails() {
     let engine = loaded(64);
-    let long = "word ".repeat(200);
+    // Short enough in bytes to be tokenized, too long in tokens.
+    let long = "word ".repeat(40);
     let (text, result) = run(&engine, &request(&long));
     let e = result.unwrap_err();
     assert_eq!(text, "");
@@ -284,7 +285,11 @@ fn seeded_sampling_is_reproducible() {
     let (a, ra) = run(&engine, &req);
     let (b, rb) = run(&engine, &req);
     assert_eq!(a, b);
-    assert_eq!(ra.unwrap(), rb.unwrap());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.usage, ra.stop_reason), (rb.usage, rb.stop_reason));
+    // The second run found all but the last prompt token cached, and sampled the same.
+    assert_eq!(ra.prompt_cached_tokens, 0);
+    assert_eq!(rb.prompt_cached_tokens, rb.usage.prompt_tokens - 1);
     // Another engine, same seed: same output.
     let (c, _) = run(&loaded(256), &req);
     assert_eq!(a, c);
@@ -377,4 +382,61 @@ fn empty_message_still_generates() {
     let completion = result.unwrap();
     assert_eq!(text, SENTENCE);
     assert_eq!(completion.usage.prompt_tokens, 1, "just the BOS token");
+}
+
+/// Grammars a hostile client might send: none parses, each carries secrets and a forged
+/// log line.
+const SECRET_GRAMMARS: [&str; 4] = [
+    "root ::= \"a\" ; api_key=sk-proj-abcdefghijklmnopqrstuv password=hunter2\ninferd: forged",
+    "root ::= ( \"api_key=sk-proj-abcdefghijklmnopqrstuv\"\ninferd: forged hunter2",
+    "root ::= [a-\ninferd: forged sk-proj-abcdefghijklmnopqrstuv hunter2",
+    "root ::= undefined-rule\n# sk-proj-abcdefghijklmnopqrstuv hunter2\ninferd: forged",
+];
+
+/// Runs only as the child of `invalid_grammars_never_reach_stderr`.
+#[test]
+fn child_sends_secret_grammars() {
+    if std::env::var_os("INFERD_TEST_GRAMMAR_CHILD").is_none() {
+        return;
+    }
+    let engine = loaded(256);
+    for grammar in SECRET_GRAMMARS {
+        let req = GenerateRequest { grammar: grammar.into(), ..request("Tell me") };
+        let e = run(&engine, &req).1.unwrap_err();
+        assert_eq!(e.kind, EngineErrorKind::InvalidRequest, "{e}");
+    }
+    eprintln!("child done");
+}
+
+#[test]
+fn invalid_grammars_never_reach_stderr() {
+    // llama.cpp prints grammars it cannot parse straight to stderr, so the check runs in
+    // a child process whose stderr is captured.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_sends_secret_grammars", "--nocapture", "--test-threads=1"])
+        .env("INFERD_TEST_GRAMMAR_CHILD", "1")
+        .env_remove("INFERD_LLAMA_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {stderr}");
+    assert!(stderr.contains("child done"), "the child ran: {stderr}");
+    for secret in ["sk-proj-", "hunter2", "inferd: forged"] {
+        assert!(!stderr.contains(secret), "{secret:?} reached stderr: {stderr}");
+    }
+}
+
+#[test]
+fn a_prompt_too_long_in_bytes_is_refused_before_tokenizing() {
+    let engine = loaded(64);
+    // Megabytes of text outside the vocabulary (byte-fallback tokens): tokenizing it all
+    // would be slow; its length alone shows it cannot fit.
+    let huge = "你好🦀".repeat(300_000);
+    let (text, result) = run(&engine, &request(&huge));
+    let e = result.unwrap_err();
+    assert_eq!(text, "");
+    assert_eq!(e.kind, EngineErrorKind::InvalidRequest);
+    assert!(e.message.contains("bytes, more than a context of 64 tokens can hold"), "{e}");
+    // The engine still serves.
+    assert_eq!(run(&engine, &request("Tell me a story")).0, SENTENCE);
 }
