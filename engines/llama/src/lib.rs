@@ -73,7 +73,7 @@
 //! drops debug and info lines and keeps recent warnings and errors in a small ring; an
 //! [`EngineError`] from a llama.cpp failure quotes them. Nothing is printed, unless the
 //! environment variable `INFERD_LLAMA_LOG` is set, in which case every llama.cpp log
-//! line is echoed to stderr.
+//! line is echoed to stderr, redacted like every other line the daemon writes.
 //!
 //! # Benchmarks
 //!

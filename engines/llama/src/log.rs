@@ -77,7 +77,9 @@ unsafe extern "C" fn capture(level: sys::ggml_log_level, text: *const c_char, _u
     // SAFETY: llama.cpp passes a NUL-terminated string that lives for the duration of the call.
     let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
     if ECHO.load(Ordering::Relaxed) {
-        eprint!("{text}");
+        // Even the opt-in debug echo may carry what a client sent (a grammar, a prompt
+        // piece): it goes through the same redaction as everything else on stderr.
+        eprint!("{}", inferd_core::redact::redact(&text));
     }
     let mut ring = ring();
     let this = thread::current().id();
