@@ -1438,3 +1438,5 @@ fn invalid_utf8_in_an_unknown_field_is_undecodable_and_closes() {
     assert!(!h.is_open(c), "an undecodable line closes the connection");
     assert!(h.starts.is_empty(), "nothing is generated for it");
 }
+
+mod http;
