@@ -1011,7 +1011,8 @@ impl Daemon {
             self.close_after_flush(id);
             return;
         }
-        let stop = no_stop();
+        // Checked by the decoder; should it still fail, the request goes without.
+        let stop = StopMatcher::new(&req.stop).unwrap_or_else(|_| no_stop());
         self.admit(id, req.id, req.stream, Reply::Ndjson, req.params, stop);
     }
 
