@@ -395,3 +395,43 @@ fn metrics_count_outcomes_and_tokens() {
     assert!(text.contains("inferd_completion_tokens_total 1"), "{text}");
     assert!(text.contains("inferd_breaker_state{backend=\"mock\",state=\"closed\"} 1"), "{text}");
 }
+
+#[test]
+fn slow_heads_time_out_but_idle_keep_alive_connections_do_not() {
+    let mut h = H::ready(DaemonConfig { read_timeout: Duration::from_secs(5), ..cfg(&["mock"]) });
+    let idle = h.connect_http();
+    h.send(idle, &get("/health"));
+    let slow = h.connect_http();
+    h.send(slow, "GET /health HTTP/1.1\r\nHost:");
+    h.advance(Duration::from_secs(6));
+    assert!(h.closed.contains(&slow), "a head unfinished after read_timeout is dropped");
+    assert!(h.is_open(idle), "between requests a connection may idle");
+}
+
+#[test]
+fn http_connections_count_against_max_connections() {
+    let mut h = H::ready(DaemonConfig { max_connections: 2, ..cfg(&["mock"]) });
+    let a = h.connect();
+    let b = h.connect_http();
+    let c = h.connect_http();
+    assert!(h.is_open(a) && h.is_open(b));
+    assert!(h.closed.contains(&c));
+    assert_eq!(h.d.stats().connections, 2);
+}
+
+#[test]
+fn expect_continue_gets_an_interim_answer_before_the_body() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect_http();
+    let body = chat_body("");
+    h.send(
+        c,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        ),
+    );
+    assert_eq!(h.out[&c], b"HTTP/1.1 100 Continue\r\n\r\n");
+    h.send(c, &body);
+    assert_eq!(h.starts.len(), 1);
+}
