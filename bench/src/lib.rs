@@ -1,6 +1,6 @@
 //! Shared pieces of inferd's benchmark binaries (`loadbench`, `enginebench`): starting a
 //! daemon binary in a private directory, reading its CPU time and memory from `/proc`,
-//! and a minimal blocking NDJSON client.
+//! and minimal blocking NDJSON and HTTP clients.
 //!
 //! The machine these run on is shared and noisy, so every figure worth keeping is a
 //! ratio against a baseline measured in the same process run.
@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+mod http;
+pub use http::HttpClient;
 
 /// A directory removed when dropped.
 #[derive(Debug)]

@@ -149,6 +149,8 @@ pub struct Settings {
     pub log_dir: Option<String>,
     /// Loopback TCP address for inference (off when unset).
     pub tcp: Option<String>,
+    /// Loopback TCP address of the OpenAI-compatible HTTP API (off when unset).
+    pub http: Option<String>,
     /// Group given access to the inference socket.
     pub group: Option<String>,
     /// The ordered backend list (replaces, never merges).
@@ -235,6 +237,7 @@ impl Settings {
             "lock" => self.lock = Some(get_string(key, v)?),
             "log_dir" => self.log_dir = Some(get_string(key, v)?),
             "tcp" => self.tcp = Some(get_string(key, v)?),
+            "http" => self.http = Some(get_string(key, v)?),
             "group" => self.group = Some(get_string(key, v)?),
             "backend" => {
                 let kind = get_string(key, v)?;
@@ -279,6 +282,7 @@ impl Settings {
             lock,
             log_dir,
             tcp,
+            http,
             group,
             backends
         );
@@ -513,7 +517,7 @@ mod tests {
                 "read_timeout_secs":5,"max_connections":6,"drain_timeout_secs":7,"stats_interval_ms":8,
                 "admin_lag_limit":9,"failure_threshold":10,"failure_window_secs":11,"cooldown_secs":12,
                 "ready_timeout_secs":13,"api_key":"k","runtime_dir":"/r","uds":"/u","admin_addr":"/a",
-                "lock":"/l","log_dir":"/g","tcp":"127.0.0.1:1","group":"grp",
+                "lock":"/l","log_dir":"/g","tcp":"127.0.0.1:1","http":"127.0.0.1:2","group":"grp",
                 "backends":[{"kind":"mock","name":"m","fail":"before"}]}"#,
         )
         .unwrap();
@@ -532,9 +536,9 @@ mod tests {
         assert_eq!(c.api_key.as_deref(), Some("k"));
         assert_eq!(c.backends, vec!["m"]);
         let strings =
-            [&s.runtime_dir, &s.uds, &s.admin_addr, &s.lock, &s.log_dir, &s.tcp, &s.group];
+            [&s.runtime_dir, &s.uds, &s.admin_addr, &s.lock, &s.log_dir, &s.tcp, &s.http, &s.group];
         let got: Vec<&str> = strings.iter().map(|v| v.as_deref().unwrap_or("")).collect();
-        assert_eq!(got, ["/r", "/u", "/a", "/l", "/g", "127.0.0.1:1", "grp"]);
+        assert_eq!(got, ["/r", "/u", "/a", "/l", "/g", "127.0.0.1:1", "127.0.0.1:2", "grp"]);
         let b = &s.resolved_backends()[0];
         assert_eq!(b.to_string(), "m (mock)");
         assert_eq!(b.options.len(), 1, "kind and name are not options: {:?}", b.options);

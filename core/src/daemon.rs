@@ -13,9 +13,11 @@ use crate::engine::{
     Capabilities, Completion, EngineError, EngineErrorKind, EngineEvent, LoadPhase,
 };
 use crate::framing::{Line, LineDecoder};
+use crate::http::openai::CompletionMeta;
+use crate::http::request::Limits as HttpLimits;
 use crate::router::{Outcome, Route, Router};
+use crate::stop::{StopMatcher, TokenText};
 use crate::time::Time;
-use crate::utf8::Utf8Assembler;
 use crate::wire::{
     self, AuthLine, DoneFrame, ErrorCode, GenerateRequest, Request, StopReason, Timings,
 };
@@ -35,6 +37,17 @@ pub enum ListenerKind {
     Inference,
     /// The admin socket: status events out, nothing read.
     Admin,
+    /// The OpenAI-compatible HTTP listener (loopback TCP): exists from startup, so
+    /// `/health` can say the daemon is loading; inference waits for readiness.
+    Http,
+}
+
+impl ListenerKind {
+    /// Whether connections of this kind carry requests (and count against
+    /// `max_connections`).
+    fn serves_requests(self) -> bool {
+        matches!(self, ListenerKind::Inference | ListenerKind::Http)
+    }
 }
 
 /// How a peer reached the daemon.
@@ -274,14 +287,29 @@ enum Phase {
 
 #[derive(Debug)]
 enum ReqPhase {
-    Queued(GenerateRequest),
+    Queued(GenerateRequest, StopMatcher),
     Running(GenId),
+}
+
+/// How a request's result reaches its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    /// Protocol v1 frames.
+    Ndjson,
+    /// An OpenAI-shaped HTTP answer.
+    Http {
+        /// Send a usage event at the end of a stream.
+        include_usage: bool,
+        /// Unix seconds when the request arrived, repeated in every object.
+        created: u64,
+    },
 }
 
 #[derive(Debug)]
 struct ReqState {
     id: String,
     stream: bool,
+    reply: Reply,
     admitted: Time,
     phase: ReqPhase,
 }
@@ -314,6 +342,8 @@ struct Conn {
     write_timer: bool,
     read_timer: bool,
     request: Option<ReqState>,
+    /// HTTP only: the request reader and the state of the answer in progress.
+    http: Option<Box<http::HttpConn>>,
     /// Admin only: events appended since the last `Send`, and those in flight.
     events_buffered: usize,
     events_in_flight: usize,
@@ -358,7 +388,12 @@ struct Gen {
     started: Time,
     first_token: Option<Time>,
     content: String,
-    utf8: Utf8Assembler,
+    /// Token bytes to text, ended early by the request's stop sequences.
+    text: TokenText,
+    /// A stop sequence matched: the generation was cancelled by the daemon itself and
+    /// ends as a normal completion.
+    stopped: bool,
+    reply: Reply,
     tokens_sent: u32,
     /// When the client's side ended (hang-up, drop, drain deadline). Its `request_done`
     /// waits for the engine's own account, which has the prompt's size.
@@ -406,6 +441,11 @@ pub struct Daemon {
     admins_closing: bool,
     /// The admin flush grace passed: exit whether or not they read their last frames.
     admin_flush_expired: bool,
+    /// Requests by how they ended (`done`, `cancelled`, or an error code), for
+    /// `/metrics`.
+    outcomes: std::collections::BTreeMap<&'static str, u64>,
+    /// Names HTTP requests, which bring no id of their own.
+    next_http_id: u64,
 }
 
 impl Daemon {
@@ -444,6 +484,8 @@ impl Daemon {
             exit_requested: false,
             admins_closing: false,
             admin_flush_expired: false,
+            outcomes: std::collections::BTreeMap::new(),
+            next_http_id: 1,
             cfg,
         };
         if !d.cfg.ready_timeout.is_zero() {
@@ -579,7 +621,14 @@ impl Daemon {
     /// lines, bytes waiting for an auth verdict). Bounded by the larger of the frame cap
     /// and the auth cap, plus one CR and one read: what the simulator checks.
     pub fn max_input_held(&self) -> usize {
-        self.conns.values().map(|c| c.decoder.buffered() + c.pre_auth.len()).max().unwrap_or(0)
+        self.conns
+            .values()
+            .map(|c| {
+                let http = c.http.as_ref().map_or(0, |h| h.reader.buffered());
+                c.decoder.buffered() + c.pre_auth.len() + http
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     // ---- connections -------------------------------------------------------------
@@ -588,10 +637,11 @@ impl Daemon {
         if self.conns.contains_key(&id) {
             return;
         }
+        // The HTTP listener exists from startup (its `/health` reports loading); the
+        // inference sockets only once ready.
         let refuse = self.phase == Phase::Draining
-            || (listener == ListenerKind::Inference
-                && (self.inference_conns >= self.cfg.max_connections
-                    || self.phase != Phase::Ready));
+            || (listener.serves_requests() && self.inference_conns >= self.cfg.max_connections)
+            || (listener == ListenerKind::Inference && self.phase != Phase::Ready);
         if refuse {
             self.outputs.push_back(Output::Close { conn: id });
             return;
@@ -632,16 +682,23 @@ impl Daemon {
             write_timer: false,
             read_timer: false,
             request: None,
+            http: (listener == ListenerKind::Http).then(|| {
+                Box::new(http::HttpConn::new(HttpLimits::with_max_body(self.cfg.max_frame_bytes)))
+            }),
             events_buffered: 0,
             events_in_flight: 0,
         };
         match listener {
-            ListenerKind::Inference => {
+            ListenerKind::Inference | ListenerKind::Http => {
                 self.inference_conns += 1;
                 self.stats_dirty = true;
+                let transport = match listener {
+                    ListenerKind::Http => "http",
+                    _ => peer.transport.as_str(),
+                };
                 let rec = self
                     .record(Level::Info, "connection_accepted")
-                    .str("transport", peer.transport.as_str())
+                    .str("transport", transport)
                     .str("peer", &peer.addr)
                     .opt_num("peer_uid", peer.uid.map(u64::from))
                     .opt_num("peer_pid", peer.pid.map(u64::from));
@@ -672,7 +729,9 @@ impl Daemon {
         if c.kind == ListenerKind::Admin || c.closing {
             return;
         }
-        if c.authed {
+        if let Some(h) = c.http.as_mut() {
+            h.reader.push(bytes);
+        } else if c.authed {
             c.decoder.push(bytes);
         } else {
             // Up to the end of the first non-blank line goes to the decoder (under the
@@ -737,7 +796,7 @@ impl Daemon {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.reading = false;
         c.read_closed = true;
-        if c.kind == ListenerKind::Inference && c.request.is_none() {
+        if c.kind.serves_requests() && c.request.is_none() {
             self.process_lines(id);
         }
     }
@@ -745,6 +804,10 @@ impl Daemon {
     /// Takes request lines off the connection while it has no request in progress,
     /// then asks for more bytes, or closes when the peer has finished sending.
     fn process_lines(&mut self, id: ConnId) {
+        if self.conns.get(&id).is_some_and(|c| c.http.is_some()) {
+            self.process_http(id);
+            return;
+        }
         loop {
             let Some(c) = self.conns.get_mut(&id) else { return };
             if c.request.is_some() || c.closing {
@@ -873,7 +936,7 @@ impl Daemon {
     /// Forgets a connection and tells the shell to close it.
     fn finish_conn(&mut self, id: ConnId) {
         let Some(c) = self.conns.remove(&id) else { return };
-        if c.kind == ListenerKind::Inference {
+        if c.kind.serves_requests() {
             self.inference_conns -= 1;
             self.stats_dirty = true;
         } else {
@@ -894,6 +957,10 @@ impl Daemon {
     }
 
     fn send_error(&mut self, id: ConnId, req_id: &str, code: ErrorCode, message: &str) {
+        if self.conns.get(&id).is_some_and(|c| c.http.is_some()) {
+            self.http_error(id, &crate::http::openai::ApiError::from_code(code, message), None);
+            return;
+        }
         if let Some(c) = self.conns.get_mut(&id) {
             wire::encode_error(&mut c.out, req_id, code, message);
         }
@@ -923,6 +990,7 @@ impl Daemon {
 
     /// Refuses a request before it reaches an engine: records it and answers the error.
     fn reject(&mut self, id: ConnId, req_id: &str, code: ErrorCode, message: &str) {
+        self.count_outcome(code.as_str());
         let rec = self
             .record(Level::Warn, "request_rejected")
             .str("req_id", req_id)
@@ -943,21 +1011,45 @@ impl Daemon {
             self.close_after_flush(id);
             return;
         }
+        // Checked by the decoder; should it still fail, the request goes without.
+        let stop = StopMatcher::new(&req.stop).unwrap_or_else(|_| no_stop());
+        self.admit(id, req.id, req.stream, Reply::Ndjson, req.params, stop);
+    }
+
+    /// A decoded, valid request (of either transport) asks for a place: it starts,
+    /// waits, or is refused with `queue_full`.
+    fn admit(
+        &mut self,
+        id: ConnId,
+        req_id: String,
+        stream: bool,
+        reply: Reply,
+        params: GenerateRequest,
+        stop: StopMatcher,
+    ) {
         let now = self.now;
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.partial_since = None;
         match self.admission.admit(id) {
             Admit::Run => {
                 self.stats_dirty = true;
-                self.start(id, req.id, req.stream, now, req.params);
+                let req = ReqState {
+                    id: req_id,
+                    stream,
+                    reply,
+                    admitted: now,
+                    phase: ReqPhase::Running(GenId(0)),
+                };
+                self.start(id, req, params, stop);
             }
             Admit::Queued => {
                 self.stats_dirty = true;
                 c.request = Some(ReqState {
-                    id: req.id,
-                    stream: req.stream,
+                    id: req_id,
+                    stream,
+                    reply,
                     admitted: now,
-                    phase: ReqPhase::Queued(req.params),
+                    phase: ReqPhase::Queued(params, stop),
                 });
             }
             Admit::Full => {
@@ -967,21 +1059,15 @@ impl Daemon {
                     self.admission.running(),
                     self.admission.waiting()
                 );
-                self.reject(id, &req.id, ErrorCode::QueueFull, &msg);
+                self.reject(id, &req_id, ErrorCode::QueueFull, &msg);
             }
         }
     }
 
     /// Starts a request that holds a generating place, or fails it when no backend can
-    /// take it (then the place passes on).
-    fn start(
-        &mut self,
-        id: ConnId,
-        req_id: String,
-        stream: bool,
-        admitted: Time,
-        params: GenerateRequest,
-    ) {
+    /// take it (then the place passes on). `req.phase` is replaced.
+    fn start(&mut self, id: ConnId, req: ReqState, params: GenerateRequest, stop: StopMatcher) {
+        let ReqState { id: req_id, stream, reply, admitted, phase: _ } = req;
         let now = self.now;
         let Some(route) = self.router.route(now) else {
             let msg = if self.router.next_cooldown_end(now).is_some() {
@@ -1011,7 +1097,9 @@ impl Daemon {
                 first_token: None,
                 cancelled_at: None,
                 content: String::new(),
-                utf8: Utf8Assembler::new(),
+                text: TokenText::new(stop),
+                stopped: false,
+                reply,
                 tokens_sent: 0,
             },
         );
@@ -1019,6 +1107,7 @@ impl Daemon {
             c.request = Some(ReqState {
                 id: req_id,
                 stream,
+                reply,
                 admitted,
                 phase: ReqPhase::Running(generation),
             });
@@ -1043,11 +1132,19 @@ impl Daemon {
                 Some(ReqState {
                     id: req_id,
                     stream,
+                    reply,
                     admitted,
-                    phase: ReqPhase::Queued(params),
+                    phase: ReqPhase::Queued(params, stop),
                 }) => {
                     // `start` releases again by itself when it cannot route.
-                    self.start(id, req_id, stream, admitted, params);
+                    let req = ReqState {
+                        id: req_id,
+                        stream,
+                        reply,
+                        admitted,
+                        phase: ReqPhase::Running(GenId(0)),
+                    };
+                    self.start(id, req, params, stop);
                 }
                 other => {
                     c.request = other;
@@ -1061,9 +1158,10 @@ impl Daemon {
     fn cancel_request(&mut self, _id: ConnId, req: ReqState) {
         let now = self.now;
         match req.phase {
-            ReqPhase::Queued(_) => {
+            ReqPhase::Queued(..) => {
                 self.admission.remove_waiting(_id);
                 self.stats_dirty = true;
+                self.count_outcome("cancelled");
                 let rec = self
                     .record(Level::Info, "request_done")
                     .str("req_id", &req.id)
@@ -1077,6 +1175,7 @@ impl Daemon {
                 let route = g.route;
                 g.conn = None;
                 g.cancelled_at = Some(now);
+                self.count_outcome("cancelled");
                 self.outputs.push_back(Output::Cancel { generation });
                 self.router.report(route, Outcome::Neutral, now);
                 self.release_place();
@@ -1105,15 +1204,31 @@ impl Daemon {
             EngineEvent::Token(bytes) => {
                 let now = self.now;
                 let cap = self.cfg.max_frame_bytes;
+                if g.stopped {
+                    // Text after a stop sequence is never shown; the engine is stopping.
+                    return;
+                }
                 g.first_token.get_or_insert(now);
                 let start = g.content.len();
-                g.utf8.push(&bytes, &mut g.content);
+                if g.text.push(&bytes, &mut g.content) {
+                    g.stopped = true;
+                    self.outputs.push_back(Output::Cancel { generation });
+                }
                 g.tokens_sent += 1;
                 if g.stream
                     && g.content.len() > start
                     && let Some(c) = self.conns.get_mut(&conn)
                 {
-                    encode_token_capped(&mut c.out, &g.req_id, &g.content[start..], cap);
+                    let piece = &g.content[start..];
+                    match g.reply {
+                        Reply::Ndjson => encode_token_capped(&mut c.out, &g.req_id, piece, cap),
+                        Reply::Http { created, .. } => {
+                            let model =
+                                self.backends.get(g.route.backend).map_or("?", |b| b.name.as_str());
+                            let meta = CompletionMeta { id: &g.req_id, created, model };
+                            http::write_stream_piece(c, &meta, piece);
+                        }
+                    }
                     c.seal_if_full();
                     if !c.in_flush_queue && c.writing_since.is_none() {
                         c.in_flush_queue = true;
@@ -1162,7 +1277,21 @@ impl Daemon {
         let Some(mut g) = self.gens.remove(&generation) else { return };
         let now = self.now;
         let start = g.content.len();
-        g.utf8.finish(&mut g.content);
+        g.text.finish(&mut g.content);
+        // A matched stop sequence ends the text normally: the cancellation was ours.
+        let result = match result {
+            _ if !g.stopped => result,
+            Ok(done) => Ok(Completion { stop_reason: StopReason::End, ..done }),
+            Err(_) => Ok(Completion {
+                usage: wire::Usage { prompt_tokens: 0, completion_tokens: g.tokens_sent },
+                stop_reason: StopReason::End,
+                prompt_cached_tokens: 0,
+            }),
+        };
+        if let Reply::Http { .. } = g.reply {
+            self.finish_http_gen(g, conn, start, result);
+            return;
+        }
         let backend = self.backends[g.route.backend].name.clone();
         let timings = Timings {
             queued_ms: g.started.millis_since(g.admitted),
@@ -1196,6 +1325,7 @@ impl Daemon {
                     wire::encode_error(&mut c.out, &g.req_id, ErrorCode::BackendUnavailable, &msg);
                 }
                 self.served += 1;
+                *self.outcomes.entry("done").or_insert(0) += 1;
                 self.prompt_tokens_total += u64::from(usage.prompt_tokens);
                 self.prompt_cached_total += u64::from(prompt_cached_tokens);
                 self.completion_tokens_total += u64::from(usage.completion_tokens);
@@ -1241,6 +1371,7 @@ impl Daemon {
                         .str("error", &e.message)
                 };
                 self.log(rec);
+                self.count_outcome(code.as_str());
                 if e.kind == EngineErrorKind::InvalidRequest {
                     // Says nothing about the backend: not counted, and a half-open trial
                     // that ends this way leaves the next request to be the trial.
@@ -1451,7 +1582,7 @@ impl Daemon {
                 let ids: Vec<ConnId> = self
                     .conns
                     .iter()
-                    .filter(|(_, c)| c.kind == ListenerKind::Inference)
+                    .filter(|(_, c)| c.kind.serves_requests())
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
@@ -1487,7 +1618,7 @@ impl Daemon {
         let idle: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.kind == ListenerKind::Inference && c.request.is_none())
+            .filter(|(_, c)| c.kind.serves_requests() && c.request.is_none())
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -1530,7 +1661,7 @@ impl Daemon {
         if self.phase != Phase::Draining {
             return;
         }
-        let inference_left = self.conns.values().any(|c| c.kind == ListenerKind::Inference);
+        let inference_left = self.conns.values().any(|c| c.kind.serves_requests());
         if !self.exit_requested && (inference_left || !self.gens.is_empty()) {
             return;
         }
@@ -1595,6 +1726,17 @@ fn encode_token_capped(out: &mut Vec<u8>, id: &str, piece: &str, cap: usize) {
     encode_token_capped(out, id, &piece[..mid], cap);
     encode_token_capped(out, id, &piece[mid..], cap);
 }
+
+/// A matcher that never stops (protocol v1 requests have no stop sequences).
+fn no_stop() -> StopMatcher {
+    match StopMatcher::new::<&str>(&[]) {
+        Ok(m) => m,
+        // No sequences cannot be too many or too long.
+        Err(_) => unreachable!("an empty stop list is always valid"),
+    }
+}
+
+mod http;
 
 #[cfg(test)]
 mod tests;

@@ -94,6 +94,10 @@ pub struct Request {
     pub stream: bool,
     /// What the engine needs.
     pub params: GenerateRequest,
+    /// Stop sequences [ours, additive]: the text ends before the first match, which is
+    /// not returned, and `done.stop_reason` is `end`. Validated by
+    /// [`StopMatcher::new`](crate::stop::StopMatcher::new); empty when absent.
+    pub stop: Vec<String>,
 }
 
 /// Why a request line was refused. Both classes answer `invalid_request`.
@@ -217,6 +221,15 @@ struct RawRequest {
     image_token_budget: Option<Int>,
     grammar: Option<String>,
     seed: Option<u64>,
+    stop: Option<StopField>,
+}
+
+/// The `stop` field as sent: one string or a list of them (`null` is no stop).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Tracks which keys an object has shown, to reject duplicates (spec §2).
@@ -324,6 +337,12 @@ impl<'de> Deserialize<'de> for RawRequest {
                         "seed" => {
                             seen.known(9, "seed")?;
                             r.seed = map.next_value()?;
+                        }
+                        "stop" => {
+                            seen.known(10, "stop")?;
+                            r.stop = map.next_value::<Option<StopField>>().map_err(|_| {
+                                de::Error::custom("`stop` must be a string or an array of strings")
+                            })?;
                         }
                         other => {
                             seen.unknown(other)?;
@@ -468,8 +487,17 @@ impl RawRequest {
                 format!("`grammar` has {alternatives} `|`, more than {MAX_GRAMMAR_ALTERNATIVES}"),
             );
         }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        };
+        if let Err(e) = crate::stop::StopMatcher::new(&stop) {
+            return invalid(id, format!("`stop`: {e}"));
+        }
         Ok(Request {
             id,
+            stop,
             stream: self.stream.unwrap_or(true),
             params: GenerateRequest {
                 messages,
@@ -778,6 +806,31 @@ mod tests {
             decode_request(line(MAX_GRAMMAR_ALTERNATIVES + 1).as_bytes()),
             Err(DecodeError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn stop_is_an_optional_string_or_list() {
+        let with = |stop: &str| {
+            format!(r#"{{"id":"s","messages":[{{"role":"user","content":"x"}}],"stop":{stop}}}"#)
+        };
+        assert!(ok(r#"{"messages":[{"role":"user","content":"x"}]}"#).stop.is_empty());
+        assert!(ok(&with("null")).stop.is_empty());
+        assert_eq!(ok(&with(r#""END""#)).stop, ["END"]);
+        assert_eq!(ok(&with(r#"["a","b"]"#)).stop, ["a", "b"]);
+        // Wrong types are undecodable; bad values are invalid and keep the connection.
+        for bad in ["3", r#"{"a":1}"#, r#"["a",1]"#] {
+            assert!(matches!(err(&with(bad)), DecodeError::Undecodable { .. }), "{bad}");
+        }
+        for bad in [r#"["a","b","c","d","e"]"#, r#"[""]"#] {
+            match err(&with(bad)) {
+                DecodeError::Invalid { id, message } => {
+                    assert_eq!(id, "s");
+                    assert!(message.contains("stop"), "{message}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(matches!(err(&with(r#""a","stop":"b""#)), DecodeError::Undecodable { .. }));
     }
 
     fn ok(line: &str) -> Request {

@@ -85,6 +85,7 @@ fn valid() -> impl Strategy<Value = Valid> {
                 id: id.clone().unwrap_or_default(),
                 stream: stream.unwrap_or(true),
                 params: GenerateRequest { messages: messages.clone(), ..d },
+                stop: Vec::new(),
             };
             if let Some(id) = id {
                 m.insert("id".into(), id.into());

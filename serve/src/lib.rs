@@ -43,7 +43,12 @@ pub struct ServeArgs {
     /// Also serve inference on this loopback TCP address (e.g. 127.0.0.1:47321).
     #[arg(long, env = "INFERD_TCP", value_name = "ADDR")]
     pub tcp: Option<String>,
-    /// Key TCP clients must present in their first line.
+    /// Also serve the OpenAI-compatible HTTP API on this loopback TCP address (e.g.
+    /// 127.0.0.1:8080). Without --api-key it is open to every local user.
+    #[arg(long, env = "INFERD_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Key TCP clients must present in their first line, and HTTP clients as
+    /// `Authorization: Bearer KEY`.
     #[arg(long, env = "INFERD_API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Group given read/write access to the inference socket.
@@ -158,6 +163,7 @@ impl ServeArgs {
         set("uds", self.uds.clone().map(Value::from))?;
         set("admin_addr", self.admin_addr.clone().map(Value::from))?;
         set("tcp", self.tcp.clone().map(Value::from))?;
+        set("http", self.http.clone().map(Value::from))?;
         set("api_key", self.api_key.clone().map(Value::from))?;
         set("group", self.group.clone().map(Value::from))?;
         set("active_permits", self.active_permits.map(Value::from))?;
@@ -316,6 +322,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         Paths::resolve(&settings),
         settings.group.clone(),
         settings.tcp.clone(),
+        settings.http.clone(),
     )
 }
 
@@ -330,9 +337,10 @@ pub fn prepare_files(
     paths: Paths,
     group: Option<String>,
     tcp: Option<String>,
+    http: Option<String>,
 ) -> Result<Prepared, StartError> {
-    if let Some(tcp) = &tcp {
-        socket::parse_loopback_addr(tcp).map_err(|e| StartError::usage(e.to_string()))?;
+    for addr in [&tcp, &http].into_iter().flatten() {
+        socket::parse_loopback_addr(addr).map_err(|e| StartError::usage(e.to_string()))?;
     }
     let dirs = [
         Some(paths.runtime_dir.as_path()),
@@ -360,6 +368,11 @@ pub fn prepare_files(
     {
         warn_tcp_without_key(addr, log.as_mut());
     }
+    if let Some(addr) = &http
+        && config.api_key.is_none()
+    {
+        warn_tcp_without_key(addr, log.as_mut());
+    }
     Ok(Prepared {
         setup: ServeSetup {
             config,
@@ -369,6 +382,7 @@ pub fn prepare_files(
             infer_path: paths.infer.clone(),
             group,
             tcp,
+            http,
             log,
         },
         lock,

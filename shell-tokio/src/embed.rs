@@ -95,6 +95,7 @@ pub struct EmbedConfig {
     engines: Vec<Arc<dyn Engine>>,
     log_dir: Option<PathBuf>,
     tcp: Option<String>,
+    http: Option<String>,
     group: Option<String>,
 }
 
@@ -112,6 +113,7 @@ impl EmbedConfig {
             engines,
             log_dir: None,
             tcp: None,
+            http: None,
             group: None,
         }
     }
@@ -125,6 +127,12 @@ impl EmbedConfig {
     /// Also serves inference on this loopback TCP address.
     pub fn tcp(mut self, addr: impl Into<String>) -> Self {
         self.tcp = Some(addr.into());
+        self
+    }
+
+    /// Also serves the OpenAI-compatible HTTP API on this loopback TCP address.
+    pub fn http(mut self, addr: impl Into<String>) -> Self {
+        self.http = Some(addr.into());
         self
     }
 
@@ -150,7 +158,7 @@ impl EmbedConfig {
     /// admin socket, activity log.
     pub fn prepare(self) -> Result<Prepared, StartError> {
         let paths = self.paths();
-        let EmbedConfig { mut config, engines, tcp, group, .. } = self;
+        let EmbedConfig { mut config, engines, tcp, http, group, .. } = self;
         if engines.is_empty() {
             return Err(StartError::usage("no engine given"));
         }
@@ -162,7 +170,7 @@ impl EmbedConfig {
                 format!("{} backend names for {} engines", config.backends.len(), engines.len());
             return Err(StartError::usage(message));
         }
-        inferd_serve::prepare_files(config, engines, paths, group, tcp)
+        inferd_serve::prepare_files(config, engines, paths, group, tcp, http)
     }
 
     /// [`prepare`](EmbedConfig::prepare)s and starts the daemon as a task of the current

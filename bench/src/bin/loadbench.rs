@@ -8,10 +8,16 @@
 //! target/release/loadbench --idle 1000
 //! target/release/loadbench --long-line 64
 //! target/release/loadbench --compare-bin target/release/inferd-tokio
+//! target/release/loadbench --http --clients 1,8,32 --tokens 1,256 --no-echo
 //! ```
+//!
+//! With `--http` every daemon also serves its OpenAI-compatible API and each cell runs
+//! it (streamed chat completions over keep-alive connections) beside the NDJSON socket,
+//! reported as a ratio to the same daemon's NDJSON figures.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -20,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use inferd_bench::{
-    Client, Daemon, DaemonSpec, TempDir, clock_ticks_per_second, cpu_ticks, fd_count, percentile,
-    pingpong, raise_fd_limit, sibling_binary, ticks_to_micros,
+    Client, Daemon, DaemonSpec, Exchange, HttpClient, TempDir, clock_ticks_per_second, cpu_ticks,
+    fd_count, percentile, pingpong, raise_fd_limit, sibling_binary, ticks_to_micros,
 };
 use serde::Serialize;
 
@@ -60,6 +66,9 @@ struct Args {
     /// Skip the echo server.
     #[arg(long)]
     no_echo: bool,
+    /// Also measure each daemon over its HTTP API (`--http` on a loopback port).
+    #[arg(long)]
+    http: bool,
     /// Open this many idle connections and report the daemon's memory per connection.
     #[arg(long, value_name = "N")]
     idle: Option<usize>,
@@ -211,29 +220,71 @@ fn echo_conn(stream: UnixStream, tokens: &AtomicU32) -> io::Result<()> {
 enum Target<'a> {
     Daemon(&'a Daemon),
     Echo(&'a Echo),
+    /// A daemon's HTTP API at this address.
+    Http(&'a Daemon, &'a str),
 }
 
 impl Target<'_> {
-    fn socket(&self) -> &Path {
+    fn connect(&self) -> Result<LoadClient, String> {
+        let unix = |socket: &Path| {
+            Client::connect(socket)
+                .map(LoadClient::Ndjson)
+                .map_err(|e| format!("connect {}: {e}", socket.display()))
+        };
         match self {
-            Target::Daemon(d) => &d.socket,
-            Target::Echo(e) => &e.socket,
+            Target::Daemon(d) => unix(&d.socket),
+            Target::Echo(e) => unix(&e.socket),
+            Target::Http(_, addr) => HttpClient::connect(addr)
+                .map(LoadClient::Http)
+                .map_err(|e| format!("connect {addr}: {e}")),
         }
     }
 
     fn cpu_ticks(&self) -> u64 {
         match self {
-            Target::Daemon(d) => d.cpu_ticks(),
+            Target::Daemon(d) | Target::Http(d, _) => d.cpu_ticks(),
             Target::Echo(e) => e.cpu_ticks(),
         }
     }
 
     fn thread_ticks(&self) -> BTreeMap<String, u64> {
         match self {
-            Target::Daemon(d) => d.thread_ticks(),
+            Target::Daemon(d) | Target::Http(d, _) => d.thread_ticks(),
             Target::Echo(_) => BTreeMap::new(),
         }
     }
+}
+
+/// One load client's connection, NDJSON or HTTP.
+enum LoadClient {
+    Ndjson(Client),
+    Http(HttpClient),
+}
+
+impl LoadClient {
+    /// One request for [`PROMPT`], named `id`.
+    fn exchange(&mut self, id: &str) -> io::Result<Exchange> {
+        match self {
+            LoadClient::Ndjson(c) => {
+                let req = format!(
+                    "{{\"id\":\"{id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}]}}\n"
+                );
+                c.exchange(req.as_bytes())
+            }
+            LoadClient::Http(c) => {
+                let body = format!(
+                    "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}],\"stream\":true}}"
+                );
+                c.exchange(body.as_bytes())
+            }
+        }
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("probe a port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Debug)]
@@ -258,13 +309,11 @@ fn run_load(
     warmup: Duration,
     window: Duration,
 ) -> Result<LoadResult, String> {
-    let socket = target.socket().to_path_buf();
     let stop = Arc::new(AtomicBool::new(false));
     let barrier = Arc::new(Barrier::new(clients + 1));
     let mut threads = Vec::new();
     for c in 0..clients {
-        let mut client =
-            Client::connect(&socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
+        let mut client = target.connect()?;
         let (stop, barrier) = (stop.clone(), barrier.clone());
         threads.push(std::thread::spawn(move || {
             // (end of request, first frame µs, terminal frame µs, token frames, ok)
@@ -273,11 +322,9 @@ fn run_load(
             let mut n = 0u64;
             let mut err = None;
             while !stop.load(Ordering::Relaxed) {
-                let req = format!(
-                    "{{\"id\":\"c{c}-{n}\",\"messages\":[{{\"role\":\"user\",\"content\":\"{PROMPT}\"}}]}}\n"
-                );
+                let id = format!("c{c}-{n}");
                 n += 1;
-                match client.exchange(req.as_bytes()) {
+                match client.exchange(&id) {
                     Ok(x) => log.push((
                         Instant::now(),
                         x.first.as_micros() as u32,
@@ -449,8 +496,12 @@ fn load_mode(args: &Args, bins: &[PathBuf], clients: &[usize]) -> Result<Vec<Cel
     for &tokens in &args.tokens {
         // Every daemon for this token count runs for the whole row; idle ones cost nothing.
         let mut daemons = Vec::new();
+        let mut http_addrs = Vec::new();
         for bin in bins {
-            daemons.push(Daemon::start(&daemon_spec(args, bin, tokens, &[]), &label(bin))?);
+            let addr = if args.http { Some(format!("127.0.0.1:{}", free_port()?)) } else { None };
+            let extra: Vec<&str> = addr.as_deref().map(|a| vec!["--http", a]).unwrap_or_default();
+            daemons.push(Daemon::start(&daemon_spec(args, bin, tokens, &extra), &label(bin))?);
+            http_addrs.push(addr);
         }
         if let Some(e) = &echo {
             e.tokens.store(tokens, Ordering::Relaxed);
@@ -460,8 +511,11 @@ fn load_mode(args: &Args, bins: &[PathBuf], clients: &[usize]) -> Result<Vec<Cel
             if let Some(e) = &echo {
                 targets.push(("echo".into(), Target::Echo(e)));
             }
-            for d in &daemons {
+            for (d, addr) in daemons.iter().zip(&http_addrs) {
                 targets.push((d.label.clone(), Target::Daemon(d)));
+                if let Some(addr) = addr {
+                    targets.push((format!("{}/http", d.label), Target::Http(d, addr)));
+                }
             }
             let mut rounds: Vec<Vec<LoadResult>> = vec![Vec::new(); targets.len()];
             for round in 0..args.repeat.max(1) {
@@ -484,9 +538,21 @@ fn load_mode(args: &Args, bins: &[PathBuf], clients: &[usize]) -> Result<Vec<Cel
             for (name, r) in &results {
                 print_row(name, r, echo_rps.filter(|_| name != "echo"));
             }
-            if results.len() >= 2 + usize::from(echo.is_some()) {
-                let ds: Vec<&(String, LoadResult)> =
-                    results.iter().filter(|(n, _)| n != "echo").collect();
+            for (name, r) in results.iter().filter(|(n, _)| n.ends_with("/http")) {
+                let base = name.trim_end_matches("/http");
+                if let Some((_, nd)) = results.iter().find(|(n, _)| n == base) {
+                    println!(
+                        "  {name} / {base}: req/s {:.2}, tok/s {:.2}, CPU/request {:.2}, p50 end {:.2}",
+                        r.rps / nd.rps,
+                        r.tps / nd.tps,
+                        r.cpu_us_per_request / nd.cpu_us_per_request,
+                        f64::from(r.terminal_us[0]) / f64::from(nd.terminal_us[0].max(1))
+                    );
+                }
+            }
+            let ds: Vec<&(String, LoadResult)> =
+                results.iter().filter(|(n, _)| n != "echo" && !n.ends_with("/http")).collect();
+            if ds.len() >= 2 {
                 let (a, b) = (&ds[0], &ds[1]);
                 println!(
                     "  {} / {}: req/s {:.2}, CPU/request {:.2}, p50 end {:.2}",

@@ -1438,3 +1438,27 @@ fn invalid_utf8_in_an_unknown_field_is_undecodable_and_closes() {
     assert!(!h.is_open(c), "an undecodable line closes the connection");
     assert!(h.starts.is_empty(), "nothing is generated for it");
 }
+
+mod http;
+
+#[test]
+fn v1_stop_sequence_ends_the_text_with_stop_reason_end() {
+    let mut h = H::ready(cfg(&["mock"]));
+    let c = h.connect();
+    h.line(c, r#"{"id":"s","messages":[{"role":"user","content":"x"}],"stop":["fox"]}"#);
+    let g = h.last_start();
+    h.token(g, b" quick f");
+    h.token(g, b"ox jumps");
+    assert_eq!(h.cancels, vec![g], "the match cancels the generation");
+    h.token(g, b" more");
+    h.done(g, StopReason::Cancelled, 3);
+    assert_eq!(h.token_contents(c).concat(), " quick ");
+    match h.frames(c).last() {
+        Some(Frame::Done { content, stop_reason, .. }) => {
+            assert_eq!(content, " quick ");
+            assert_eq!(*stop_reason, StopReason::End, "v1 clients know no `stop` reason");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.is_open(c) && h.credits.contains(&c));
+}

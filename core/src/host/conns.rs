@@ -51,14 +51,14 @@ const LISTENER_TAG: u64 = 1 << 63;
 #[derive(Debug)]
 enum Listener {
     Unix(UnixListener, ListenerKind),
-    Tcp(TcpListener),
+    Tcp(TcpListener, ListenerKind),
 }
 
 impl Listener {
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
             Listener::Unix(l, _) => l.as_fd(),
-            Listener::Tcp(l) => l.as_fd(),
+            Listener::Tcp(l, _) => l.as_fd(),
         }
     }
 
@@ -71,7 +71,7 @@ impl Listener {
                 let peer = unix_peer(stream.as_fd());
                 Ok((stream.into(), *kind, peer))
             }
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, kind) => {
                 let (stream, addr) = l.accept()?;
                 stream.set_nonblocking(true)?;
                 // Frames are whole lines written at once; Nagle would only delay them.
@@ -82,7 +82,7 @@ impl Listener {
                     uid: None,
                     pid: None,
                 };
-                Ok((stream.into(), ListenerKind::Inference, peer))
+                Ok((stream.into(), *kind, peer))
             }
         }
     }
@@ -124,6 +124,10 @@ struct Conn {
     credit: bool,
     /// The hang-up was reported to the core; it is reported once.
     hup_reported: bool,
+    /// The peer's end of input counts as a hang-up when the core is not reading (HTTP:
+    /// clients do not half-close, and a closed TCP peer shows only as end of input
+    /// until a write fails, so a queued or prefilling request would go on unnoticed).
+    eof_is_hangup: bool,
     /// Bytes of the outstanding `Output::Send` not yet written, from `written` on.
     out: Vec<u8>,
     written: usize,
@@ -180,7 +184,13 @@ impl Conns {
     /// Starts accepting inference connections on a loopback TCP listener.
     pub fn listen_tcp(&mut self, listener: TcpListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
-        self.add_listener(Listener::Tcp(listener))
+        self.add_listener(Listener::Tcp(listener, ListenerKind::Inference))
+    }
+
+    /// Starts accepting HTTP connections on a loopback TCP listener.
+    pub fn listen_http(&mut self, listener: TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        self.add_listener(Listener::Tcp(listener, ListenerKind::Http))
     }
 
     fn add_listener(&mut self, listener: Listener) -> io::Result<()> {
@@ -276,6 +286,7 @@ impl Conns {
                             read_hup: false,
                             credit: false,
                             hup_reported: false,
+                            eof_is_hangup: listener == ListenerKind::Http,
                             out: Vec::new(),
                             written: 0,
                         },
@@ -333,7 +344,9 @@ impl Conns {
         if flags.contains(EventFlags::RDHUP) {
             c.read_hup = true;
         }
-        if flags.intersects(EventFlags::HUP | EventFlags::ERR) {
+        if flags.intersects(EventFlags::HUP | EventFlags::ERR)
+            || (c.read_hup && c.eof_is_hangup && !c.credit)
+        {
             c.report_hangup(conn, out);
             return;
         }

@@ -131,6 +131,9 @@ pub struct ServeSetup {
     pub group: Option<String>,
     /// Loopback TCP address for inference, if any.
     pub tcp: Option<String>,
+    /// Loopback TCP address of the OpenAI-compatible HTTP API, if any; bound at once,
+    /// before the backends are ready.
+    pub http: Option<String>,
     /// The activity log, if one is kept.
     pub log: Option<ActivityLogFile>,
 }
@@ -199,8 +202,17 @@ impl<R: Runtime> Driver<R> {
     /// Serves until the daemon exits; returns the exit status and the reason.
     pub async fn run(self) -> (i32, String) {
         let Driver { rt, setup, tx, rx, stats } = self;
-        let ServeSetup { config, engines, admin, admin_path, infer_path, group, tcp, mut log } =
-            setup;
+        let ServeSetup {
+            config,
+            engines,
+            admin,
+            admin_path,
+            infer_path,
+            group,
+            tcp,
+            http,
+            mut log,
+        } = setup;
         let clock = MonotonicClock::new();
         let mut daemon = Daemon::new(config, clock.now(), crate::host::time::unix_millis_now());
         let mut conns = match Conns::new() {
@@ -213,6 +225,14 @@ impl<R: Runtime> Driver<R> {
         };
         if let Err(e) = conns.listen_unix(admin, ListenerKind::Admin) {
             return (1, format!("cannot serve the admin socket: {e}"));
+        }
+        if let Some(addr) = http.as_deref() {
+            let bound = socket::bind_tcp_loopback(addr).map_err(|e| e.to_string()).and_then(|l| {
+                conns.listen_http(l).map_err(|e| format!("cannot serve HTTP {addr}: {e}"))
+            });
+            if let Err(msg) = bound {
+                return (1, msg);
+            }
         }
         // Engine events travel on their own bounded channel and are taken after socket
         // events: a `Flushed` must never wait behind thousands of queued tokens (the
