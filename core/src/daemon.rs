@@ -1241,6 +1241,19 @@ impl Daemon {
         }
     }
 
+    /// What follows a generation's terminal frame on either transport: the output is
+    /// sealed and marked undelivered until flushed, the breaker hears the outcome, the
+    /// connection flushes and the admission place is freed.
+    fn settle_gen(&mut self, conn: ConnId, g: &Gen, outcome: Outcome) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.seal_if_full();
+            c.undelivered = Some(g.req_id.clone());
+        }
+        self.router.report(g.route, outcome, self.now);
+        self.queue_flush(conn);
+        self.release_place();
+    }
+
     /// The `request_done` of a cancelled generation: what the client received, and the
     /// prompt's size when the engine told it.
     fn log_cancelled(&mut self, g: &Gen, prompt_tokens: Option<u32>) {
@@ -1372,22 +1385,10 @@ impl Daemon {
                 };
                 self.log(rec);
                 self.count_outcome(code.as_str());
-                if e.kind == EngineErrorKind::InvalidRequest {
-                    // Says nothing about the backend: not counted, and a half-open trial
-                    // that ends this way leaves the next request to be the trial.
-                    Outcome::Neutral
-                } else {
-                    Outcome::Failure
-                }
+                breaker_outcome(&e)
             }
         };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.seal_if_full();
-            c.undelivered = Some(g.req_id.clone());
-        }
-        self.router.report(g.route, outcome, now);
-        self.queue_flush(conn);
-        self.release_place();
+        self.settle_gen(conn, &g, outcome);
         if draining {
             self.close_after_flush(conn);
         } else {
@@ -1707,6 +1708,13 @@ impl Daemon {
     fn log(&mut self, rec: Record) {
         self.outputs.push_back(Output::Activity(rec.finish()));
     }
+}
+
+/// What an engine failure tells the circuit breaker. A client error says nothing about
+/// the backend: not counted, and a half-open trial that ends this way leaves the next
+/// request to be the trial (spec §4).
+fn breaker_outcome(e: &EngineError) -> Outcome {
+    if e.kind == EngineErrorKind::InvalidRequest { Outcome::Neutral } else { Outcome::Failure }
 }
 
 /// Appends `piece` as token frames no larger than `cap`: a piece too big for one frame

@@ -3,7 +3,7 @@
 //! answers written with the OpenAI encoders. One request at a time per connection;
 //! after an answer the next (maybe pipelined) request is read.
 
-use super::{Conn, ConnId, DRAINING, Daemon, Gen, Phase, Reply, TimerKey};
+use super::{Conn, ConnId, DRAINING, Daemon, Gen, Phase, Reply, TimerKey, breaker_outcome};
 use crate::activity::Level;
 use crate::engine::{Completion, EngineError, EngineErrorKind};
 use crate::http::openai::{self, ApiError, CompletionMeta, FinishReason};
@@ -396,20 +396,10 @@ impl Daemon {
                 self.count_outcome(code.as_str());
                 let error = ApiError::from_code(code, format!("backend {backend}: {}", e.message));
                 self.http_error(conn, &error, None);
-                if e.kind == EngineErrorKind::InvalidRequest {
-                    Outcome::Neutral
-                } else {
-                    Outcome::Failure
-                }
+                breaker_outcome(&e)
             }
         };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.seal_if_full();
-            c.undelivered = Some(g.req_id.clone());
-        }
-        self.router.report(g.route, outcome, now);
-        self.queue_flush(conn);
-        self.release_place();
+        self.settle_gen(conn, &g, outcome);
         self.process_lines(conn);
     }
 
