@@ -867,6 +867,15 @@ impl Daemon {
             }
         }
         // Out of complete lines: ask for more, or finish a half-closed connection.
+        let Some(c) = self.conns.get(&id) else { return };
+        let partial = c.decoder.has_partial();
+        self.await_more(id, partial, true);
+    }
+
+    /// A connection out of complete requests: closes it at EOF (a partial one is dropped,
+    /// spec §1), keeps the read timer on an unfinished one, and asks for more bytes when
+    /// `wants` (shared by the NDJSON and HTTP readers).
+    fn await_more(&mut self, id: ConnId, partial: bool, wants: bool) {
         let now = self.now;
         let read_timeout = self.cfg.read_timeout;
         let Some(c) = self.conns.get_mut(&id) else { return };
@@ -874,11 +883,10 @@ impl Daemon {
             return;
         }
         if c.read_closed {
-            // EOF: a partial line is dropped (spec §1).
             self.close_after_flush(id);
             return;
         }
-        if c.decoder.has_partial() {
+        if partial {
             if c.partial_since.is_none() {
                 c.partial_since = Some(now);
                 if !read_timeout.is_zero() && !c.read_timer {
@@ -890,7 +898,7 @@ impl Daemon {
             c.partial_since = None;
         }
         let Some(c) = self.conns.get_mut(&id) else { return };
-        if !c.reading {
+        if wants && !c.reading {
             c.reading = true;
             self.outputs.push_back(Output::Read { conn: id });
         }

@@ -3,7 +3,7 @@
 //! answers written with the OpenAI encoders. One request at a time per connection;
 //! after an answer the next (maybe pipelined) request is read.
 
-use super::{Conn, ConnId, DRAINING, Daemon, Gen, Phase, Reply, TimerKey, breaker_outcome};
+use super::{Conn, ConnId, DRAINING, Daemon, Gen, Phase, Reply, breaker_outcome};
 use crate::activity::Level;
 use crate::engine::{Completion, EngineError, EngineErrorKind};
 use crate::http::openai::{self, ApiError, CompletionMeta, FinishReason};
@@ -133,36 +133,13 @@ impl Daemon {
                 }
             }
         }
-        let now = self.now;
-        let read_timeout = self.cfg.read_timeout;
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get(&id) else { return };
         if c.request.is_some() || c.closing {
             return;
         }
         let Some(h) = c.http.as_ref() else { return };
-        let partial = h.reader.has_partial();
-        let wants = h.reader.wants_bytes();
-        if c.read_closed {
-            // EOF: a partial request is dropped.
-            self.close_after_flush(id);
-            return;
-        }
-        if partial {
-            if c.partial_since.is_none() {
-                c.partial_since = Some(now);
-                if !read_timeout.is_zero() && !c.read_timer {
-                    c.read_timer = true;
-                    self.arm(now + read_timeout, TimerKey::ReadIdle(id));
-                }
-            }
-        } else {
-            c.partial_since = None;
-        }
-        let Some(c) = self.conns.get_mut(&id) else { return };
-        if wants && !c.reading {
-            c.reading = true;
-            self.outputs.push_back(super::Output::Read { conn: id });
-        }
+        let (partial, wants) = (h.reader.has_partial(), h.reader.wants_bytes());
+        self.await_more(id, partial, wants);
     }
 
     fn on_http_request(&mut self, id: ConnId, head: &Head, body: &[u8]) {
