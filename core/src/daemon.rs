@@ -1743,7 +1743,8 @@ fn encode_token_capped(out: &mut Vec<u8>, id: &str, piece: &str, cap: usize) {
     encode_token_capped(out, id, &piece[mid..], cap);
 }
 
-/// A matcher that never stops (protocol v1 requests have no stop sequences).
+/// A matcher that never stops: the fallback should sequences the decoder already
+/// validated be refused here after all.
 fn no_stop() -> StopMatcher {
     match StopMatcher::new::<&str>(&[]) {
         Ok(m) => m,
