@@ -6,8 +6,9 @@
 //! [`daemon::Daemon::poll_timeout`]. The same core runs under smol, tokio, a hand-written
 //! mio loop, and the deterministic simulator.
 //!
-//! The `host` feature adds the OS glue the shells share (lock file, sockets, peer
-//! credentials, the activity log sink); the state machines never use it.
+//! This crate has no IO dependencies at all: the OS glue the shells share (lock file,
+//! sockets, peer credentials, the activity log sink, the driver loop) is the separate
+//! `inferd-host` crate, which depends on this one and never the other way round.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,5 +30,3 @@ pub mod wire;
 
 pub use daemon::{ConnId, Daemon, GenId, Input, Output};
 pub use time::Time;
-#[cfg(feature = "host")]
-pub mod host;

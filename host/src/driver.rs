@@ -18,14 +18,14 @@ use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
 
-use crate::config::DaemonConfig;
-use crate::daemon::{ConnId, Daemon, GenId, Input, ListenerKind, Output, Peer, Stats};
-use crate::engine::{CancelFlag, Capabilities, Engine, EngineError, EngineEvent, LoadPhase};
-use crate::host::bridge::EnginePool;
-use crate::host::conns::Conns;
-use crate::host::logfile::ActivityLogFile;
-use crate::host::socket;
-use crate::host::time::MonotonicClock;
+use crate::bridge::EnginePool;
+use crate::conns::Conns;
+use crate::logfile::ActivityLogFile;
+use crate::socket;
+use crate::time::MonotonicClock;
+use inferd_core::config::DaemonConfig;
+use inferd_core::daemon::{ConnId, Daemon, GenId, Input, ListenerKind, Output, Peer, Stats};
+use inferd_core::engine::{CancelFlag, Capabilities, Engine, EngineError, EngineEvent, LoadPhase};
 
 /// A boxed future, as runtimes hand them out.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -214,7 +214,7 @@ impl<R: Runtime> Driver<R> {
             mut log,
         } = setup;
         let clock = MonotonicClock::new();
-        let mut daemon = Daemon::new(config, clock.now(), crate::host::time::unix_millis_now());
+        let mut daemon = Daemon::new(config, clock.now(), crate::time::unix_millis_now());
         let mut conns = match Conns::new() {
             Ok(c) => c,
             Err(e) => return (1, format!("cannot create the socket set: {e}")),
@@ -250,7 +250,7 @@ impl<R: Runtime> Driver<R> {
         let mut busy = 0u32;
         // Events taken since the socket set was last asked; see `SOCKETS_EVERY`.
         let mut since_poll = 0u32;
-        let mut sleeper: Option<(crate::time::Time, BoxFuture)> = None;
+        let mut sleeper: Option<(inferd_core::time::Time, BoxFuture)> = None;
         let result = 'serve: loop {
             // Carry out everything the daemon wants done. Reads and writes happen right
             // here; what they bring (bytes, a flush) is queued as the next events.

@@ -10,12 +10,12 @@ use clap::Args;
 use inferd_core::activity::{Level, Record};
 use inferd_core::config::{BackendSpec, ConfigError, DaemonConfig, Settings};
 use inferd_core::engine::Engine;
-use inferd_core::host::driver::ServeSetup;
-use inferd_core::host::lock::InstanceLock;
-use inferd_core::host::logfile::ActivityLogFile;
-use inferd_core::host::{fdlimit, paths, socket, time};
 use inferd_engine_llama::{LlamaConfig, LlamaEngine};
 use inferd_engine_mock::{MockConfig, MockEngine};
+use inferd_host::driver::ServeSetup;
+use inferd_host::lock::InstanceLock;
+use inferd_host::logfile::ActivityLogFile;
+use inferd_host::{fdlimit, paths, socket, time};
 use serde_json::Value;
 
 /// The flags of `serve`, each also settable by an `INFERD_*` variable (a flag wins).

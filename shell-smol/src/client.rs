@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use inferd_core::host::paths;
 use inferd_core::wire::Frame;
+use inferd_host::paths;
 use serde_json::{Value, json};
 
 /// Where the daemon's sockets are.

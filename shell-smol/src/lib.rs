@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use inferd_core::host::driver::{BorrowedFuture, BoxFuture, Readiness, Runtime};
+use inferd_host::driver::{BorrowedFuture, BoxFuture, Readiness, Runtime};
 use smol::Async;
 
 pub mod client;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use inferd::SmolRuntime;
 use inferd::client::{self, ClientArgs, GenerateArgs, StatusArgs};
-use inferd_core::host::driver::{Driver, Event};
+use inferd_host::driver::{Driver, Event};
 use inferd_serve::ServeArgs;
 
 /// A local LLM inference daemon: one warm model, served over a Unix socket in NDJSON.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use inferd_core::config::{DaemonConfig, default_name};
 use inferd_core::daemon::Stats;
 use inferd_core::engine::Engine;
-use inferd_core::host::driver::{Driver, DriverHandle, ServeSetup};
-use inferd_core::host::{signals, socket};
+use inferd_host::driver::{Driver, DriverHandle, ServeSetup};
+use inferd_host::{signals, socket};
 use inferd_serve::{Paths, Prepared, ServeArgs, StartError};
 use tokio::task::JoinHandle;
 

@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use inferd_core::host::driver::{BorrowedFuture, BoxFuture, Readiness, Runtime};
+use inferd_host::driver::{BorrowedFuture, BoxFuture, Readiness, Runtime};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Handle;
@@ -27,7 +27,7 @@ mod embed;
 pub use embed::{
     EmbedConfig, Embedded, SignalGuard, serve, shutdown_on_signals, start, start_prepared,
 };
-pub use inferd_core::host::driver::{DriverHandle, ServeSetup};
+pub use inferd_host::driver::{DriverHandle, ServeSetup};
 pub use inferd_serve::{Paths, Prepared, ServeArgs, StartError};
 
 /// The tokio runtime: timers and the driver's epoll descriptor are registered with the

@@ -6,7 +6,7 @@
 //! everything `Daemon::poll_output` asks for, and sleep until `Daemon::poll_timeout`.
 //!
 //! ```text
-//! cargo run -p inferd-core --example mio_embed -- --socket /tmp/mio.sock [--exit-after-requests N]
+//! cargo run -p inferd-example-mio -- --socket /tmp/mio.sock [--exit-after-requests N]
 //! printf '{"id":"1","messages":[{"role":"user","content":"hello"}]}\n' | nc -U /tmp/mio.sock
 //! ```
 //!
