@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use async_channel::Sender;
 
-use crate::driver::Event;
+use crate::event::Event;
 use inferd_core::daemon::GenId;
 use inferd_core::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
 

@@ -26,7 +26,7 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
-use crate::driver::Event;
+use crate::event::Event;
 use inferd_core::daemon::{ConnId, ListenerKind, Peer, Transport};
 use inferd_core::time::Time;
 

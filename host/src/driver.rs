@@ -20,84 +20,19 @@ use async_channel::{Receiver, Sender};
 
 use crate::bridge::EnginePool;
 use crate::conns::Conns;
+pub use crate::event::Event;
 use crate::logfile::ActivityLogFile;
 use crate::socket;
 use crate::time::MonotonicClock;
 use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ConnId, Daemon, GenId, Input, ListenerKind, Output, Peer, Stats};
-use inferd_core::engine::{CancelFlag, Capabilities, Engine, EngineError, EngineEvent, LoadPhase};
+use inferd_core::daemon::{Daemon, GenId, Input, ListenerKind, Output, Stats};
+use inferd_core::engine::{CancelFlag, Engine, EngineEvent};
 
 /// A boxed future, as runtimes hand them out.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// A boxed future borrowing its source, as [`Readiness::readable`] hands them out.
 pub type BorrowedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Something that happened, reported to the driver by tasks and threads.
-#[derive(Debug)]
-pub enum Event {
-    /// A connection was accepted.
-    Accepted {
-        /// Its name.
-        conn: ConnId,
-        /// Which listener.
-        listener: ListenerKind,
-        /// Who.
-        peer: Peer,
-    },
-    /// Bytes read after a read credit.
-    Received {
-        /// Which connection.
-        conn: ConnId,
-        /// The bytes.
-        bytes: Vec<u8>,
-    },
-    /// The peer shut down its write side.
-    ReadClosed {
-        /// Which connection.
-        conn: ConnId,
-    },
-    /// The peer is gone.
-    HungUp {
-        /// Which connection.
-        conn: ConnId,
-    },
-    /// A write finished.
-    Flushed {
-        /// Which connection.
-        conn: ConnId,
-    },
-    /// An engine reported on a generation.
-    Engine {
-        /// Which generation.
-        generation: GenId,
-        /// What happened.
-        event: EngineEvent,
-    },
-    /// A backend's loading progressed.
-    BackendPhase {
-        /// Which backend.
-        backend: usize,
-        /// The phase.
-        phase: LoadPhase,
-    },
-    /// A backend is ready.
-    BackendLoaded {
-        /// Which backend.
-        backend: usize,
-        /// What it can do.
-        capabilities: Capabilities,
-    },
-    /// A backend failed to load.
-    BackendFailed {
-        /// Which backend.
-        backend: usize,
-        /// Why.
-        error: EngineError,
-    },
-    /// SIGTERM/SIGINT or a host's stop request.
-    Shutdown,
-}
 
 /// A descriptor a runtime watches for the driver (see [`Runtime::readiness`]).
 pub trait Readiness: Send {

@@ -19,5 +19,6 @@ pub mod time;
 pub mod bridge;
 pub mod conns;
 pub mod driver;
+pub mod event;
 #[cfg(test)]
 mod testutil;
