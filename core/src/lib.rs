@@ -6,6 +6,9 @@
 //! [`daemon::Daemon::poll_timeout`]. The same core runs under smol, tokio, a hand-written
 //! mio loop, and the deterministic simulator.
 //!
+//! Comments citing "spec §N" refer to the sections of the protocol description,
+//! `docs/protocol.md` at the root of the repository.
+//!
 //! This crate has no IO dependencies at all: the OS glue the shells share (lock file,
 //! sockets, peer credentials, the activity log sink, the driver loop) is the separate
 //! `inferd-host` crate, which depends on this one and never the other way round.
