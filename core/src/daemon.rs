@@ -978,7 +978,7 @@ impl Daemon {
     // ---- requests ------------------------------------------------------------------
 
     /// The longest request id echoed: every frame carries it, and frames must stay under
-    /// the cap (spec §1) whatever the id [ours].
+    /// the cap (spec §1) whatever the id \[ours\].
     fn max_id_bytes(&self) -> usize {
         (self.cfg.max_frame_bytes / 4).min(4096)
     }
