@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     };
     let (code, message) = match rt.block_on(inferd_tokio::serve(&args)) {
         Ok(done) => done,
-        Err(e) => (e.code, e.message),
+        Err(e) => (i32::from(e.kind.exit_status()), e.message),
     };
     if !message.is_empty() {
         eprintln!("inferd: {message}");

@@ -5,7 +5,7 @@ mod common;
 
 use common::{mock, start_use_stop, temp_dir};
 use inferd_core::config::DaemonConfig;
-use inferd_tokio::EmbedConfig;
+use inferd_tokio::{EmbedConfig, StartErrorKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_daemon_serves_and_stops_on_a_multi_thread_runtime() {
@@ -27,7 +27,7 @@ async fn a_second_daemon_on_the_same_directory_is_refused() {
     let first = EmbedConfig::new(&dir, DaemonConfig::default(), mock()).start().unwrap();
     let second = EmbedConfig::new(&dir, DaemonConfig::default(), mock()).start();
     let err = second.expect_err("the lock must refuse a second daemon");
-    assert_eq!(err.code, 1, "{}", err.message);
+    assert_eq!(err.kind, StartErrorKind::Failed, "{err}");
     first.shutdown();
     assert_eq!(first.wait().await.0, 0);
     let _ = std::fs::remove_dir_all(&dir);
@@ -37,7 +37,7 @@ async fn a_second_daemon_on_the_same_directory_is_refused() {
 async fn mismatched_backend_names_are_a_usage_error() {
     let config = DaemonConfig { backends: vec!["a".into(), "b".into()], ..DaemonConfig::default() };
     let err = EmbedConfig::new(temp_dir("names"), config, mock()).start().unwrap_err();
-    assert_eq!(err.code, 2);
+    assert_eq!(err.kind, StartErrorKind::Usage);
 }
 
 /// A shutdown through the handle of an idle daemon still tells admin subscribers that it
