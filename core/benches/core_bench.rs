@@ -68,7 +68,7 @@ impl Sink {
                 Output::Activity(line) => {
                     black_box(line);
                 }
-                Output::Exit { code, message } => panic!("daemon exited: {code} {message}"),
+                Output::Exit { reason } => panic!("daemon exited: {reason}"),
                 other => {
                     black_box(other);
                 }

@@ -199,13 +199,43 @@ pub enum Output {
     BindInference,
     /// Shutting down: close the listeners; accept nothing more.
     StopAccepting,
-    /// Exit the process with this status once the outputs before it are carried out.
+    /// The daemon is done: end once the outputs before it are carried out. The core
+    /// says why; the shells decide what exit status and text that means.
     Exit {
-        /// 0 after an orderly drain.
-        code: i32,
-        /// Why, for the operator (empty after an orderly drain).
-        message: String,
+        /// Why the daemon ended.
+        reason: ExitReason,
     },
+}
+
+/// Why the daemon ended ([`Output::Exit`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExitReason {
+    /// An orderly end: drained after a shutdown request.
+    #[error("drained after a shutdown request")]
+    Drained,
+    /// A backend failed while the daemon was starting.
+    #[error("backend {backend} failed to load: {error}")]
+    BackendFailedToLoad {
+        /// The backend's name.
+        backend: String,
+        /// What the engine reported.
+        error: String,
+    },
+    /// Some backends were still loading when the ready timeout passed.
+    #[error("backends not ready after {secs} s: {}", waiting.join(", "))]
+    NotReadyInTime {
+        /// The ready timeout, in seconds.
+        secs: u64,
+        /// The backends still loading.
+        waiting: Vec<String>,
+    },
+}
+
+impl ExitReason {
+    /// Whether this is the orderly end after a shutdown request (not a failure).
+    pub fn is_orderly(&self) -> bool {
+        matches!(self, ExitReason::Drained)
+    }
 }
 
 /// A snapshot of the daemon's counters, for stats events and embedding hosts.
@@ -519,7 +549,10 @@ impl Daemon {
             Input::BackendFailed { backend, error } => {
                 let name = self.backend_name(backend).to_owned();
                 if self.phase == Phase::Starting {
-                    self.exit(1, format!("backend {name} failed to load: {error}"));
+                    self.exit(ExitReason::BackendFailedToLoad {
+                        backend: name,
+                        error: error.to_string(),
+                    });
                 } else {
                     self.router.set_ready(backend, false);
                 }
@@ -1570,18 +1603,14 @@ impl Daemon {
             }
             TimerKey::ReadyDeadline => {
                 if self.phase == Phase::Starting {
-                    let waiting: Vec<&str> = self
+                    let waiting: Vec<String> = self
                         .backends
                         .iter()
                         .filter(|b| !b.loaded)
-                        .map(|b| b.name.as_str())
+                        .map(|b| b.name.clone())
                         .collect();
-                    let msg = format!(
-                        "backends not ready after {} s: {}",
-                        self.cfg.ready_timeout.as_secs(),
-                        waiting.join(", ")
-                    );
-                    self.exit(1, msg);
+                    let secs = self.cfg.ready_timeout.as_secs();
+                    self.exit(ExitReason::NotReadyInTime { secs, waiting });
                 }
             }
             TimerKey::DrainDeadline => self.drain_deadline(),
@@ -1687,11 +1716,11 @@ impl Daemon {
             }
         }
         if self.admin_conns.is_empty() || self.admin_flush_expired {
-            self.exit(0, String::new());
+            self.exit(ExitReason::Drained);
         }
     }
 
-    fn exit(&mut self, code: i32, message: String) {
+    fn exit(&mut self, reason: ExitReason) {
         if self.phase == Phase::Exited {
             return;
         }
@@ -1704,7 +1733,7 @@ impl Daemon {
         }
         self.forget_gens();
         self.phase = Phase::Exited;
-        self.outputs.push_back(Output::Exit { code, message });
+        self.outputs.push_back(Output::Exit { reason });
     }
 
     // ---- activity ------------------------------------------------------------------

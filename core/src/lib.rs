@@ -31,5 +31,5 @@ pub mod time;
 pub mod utf8;
 pub mod wire;
 
-pub use daemon::{ConnId, Daemon, GenId, Input, Output};
+pub use daemon::{ConnId, Daemon, ExitReason, GenId, Input, Output};
 pub use time::Time;

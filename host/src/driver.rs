@@ -25,8 +25,20 @@ use crate::logfile::ActivityLogFile;
 use crate::socket;
 use crate::time::MonotonicClock;
 use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{Daemon, GenId, Input, ListenerKind, Output, Stats};
+use inferd_core::daemon::{Daemon, ExitReason, GenId, Input, ListenerKind, Output, Stats};
 use inferd_core::engine::{CancelFlag, Engine, EngineEvent};
+
+/// Why [`Driver::run`] ended other than with an orderly drain.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The daemon ended on its own: a backend failed to load, or not in time.
+    #[error(transparent)]
+    Daemon(ExitReason),
+    /// The host could not go on serving (socket set, listeners, polling); the text
+    /// names what failed and the OS's reason.
+    #[error("{0}")]
+    Host(String),
+}
 
 /// A boxed future, as runtimes hand them out.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -134,8 +146,8 @@ impl<R: Runtime> Driver<R> {
         DriverHandle { events: self.tx.clone(), stats: self.stats.clone() }
     }
 
-    /// Serves until the daemon exits; returns the exit status and the reason.
-    pub async fn run(self) -> (i32, String) {
+    /// Serves until the daemon exits: `Ok` after an orderly drain, else why not.
+    pub async fn run(self) -> Result<(), ServeError> {
         let Driver { rt, setup, tx, rx, stats } = self;
         let ServeSetup {
             config,
@@ -152,21 +164,21 @@ impl<R: Runtime> Driver<R> {
         let mut daemon = Daemon::new(config, clock.now(), crate::time::unix_millis_now());
         let mut conns = match Conns::new() {
             Ok(c) => c,
-            Err(e) => return (1, format!("cannot create the socket set: {e}")),
+            Err(e) => return Err(ServeError::Host(format!("cannot create the socket set: {e}"))),
         };
         let mut ready = match conns.fd().and_then(|fd| rt.readiness(fd)) {
             Ok(r) => r,
-            Err(e) => return (1, format!("cannot watch the socket set: {e}")),
+            Err(e) => return Err(ServeError::Host(format!("cannot watch the socket set: {e}"))),
         };
         if let Err(e) = conns.listen_unix(admin, ListenerKind::Admin) {
-            return (1, format!("cannot serve the admin socket: {e}"));
+            return Err(ServeError::Host(format!("cannot serve the admin socket: {e}")));
         }
         if let Some(addr) = http.as_deref() {
             let bound = socket::bind_tcp_loopback(addr).map_err(|e| e.to_string()).and_then(|l| {
                 conns.listen_http(l).map_err(|e| format!("cannot serve HTTP {addr}: {e}"))
             });
             if let Err(msg) = bound {
-                return (1, msg);
+                return Err(ServeError::Host(msg));
             }
         }
         // Engine events travel on their own bounded channel and are taken after socket
@@ -219,7 +231,7 @@ impl<R: Runtime> Driver<R> {
                             tcp.as_deref(),
                         ) {
                             Ok(()) => infer_bound = true,
-                            Err(msg) => break 'serve (1, msg),
+                            Err(msg) => break 'serve Err(ServeError::Host(msg)),
                         }
                     }
                     Output::StopAccepting => {
@@ -229,7 +241,8 @@ impl<R: Runtime> Driver<R> {
                         }
                         let _ = socket::remove_socket_file(&admin_path);
                     }
-                    Output::Exit { code, message } => break 'serve (code, message),
+                    Output::Exit { reason } if reason.is_orderly() => break 'serve Ok(()),
+                    Output::Exit { reason } => break 'serve Err(ServeError::Daemon(reason)),
                 }
             }
             if let Ok(mut s) = stats.lock() {
@@ -257,7 +270,11 @@ impl<R: Runtime> Driver<R> {
                 since_poll = 0;
                 let drained = match conns.poll(now, &mut pending) {
                     Ok(d) => d,
-                    Err(e) => break 'serve (1, format!("cannot poll the sockets: {e}")),
+                    Err(e) => {
+                        break 'serve Err(ServeError::Host(format!(
+                            "cannot poll the sockets: {e}"
+                        )));
+                    }
                 };
                 if !pending.is_empty() || !drained {
                     continue;
@@ -285,7 +302,9 @@ impl<R: Runtime> Driver<R> {
                         // Asked at the top of the next round.
                         Woken::Sockets => continue,
                         Woken::SocketsFailed(e) => {
-                            break 'serve (1, format!("cannot wait for the sockets: {e}"));
+                            break 'serve Err(ServeError::Host(format!(
+                                "cannot wait for the sockets: {e}"
+                            )));
                         }
                         Woken::Deadline => {
                             sleeper = None;

@@ -105,10 +105,14 @@ fn serve(args: &ServeArgs) -> ExitCode {
     })
     .detach();
     eprintln!("{}", startup_banner(&prepared.paths.admin, &prepared.paths.infer));
-    let (code, message) = smol::block_on(ex.run(driver.run()));
+    let result = smol::block_on(ex.run(driver.run()));
     drop(prepared.lock);
-    if !message.is_empty() {
-        eprintln!("inferd: {message}");
+    // 0 after an orderly drain, 1 when serving failed.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inferd: {e}");
+            ExitCode::from(1)
+        }
     }
-    ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -20,7 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::signal::ctrl_c().await?;
     println!("served {} requests; draining", daemon.stats().served);
     daemon.shutdown();
-    let (code, why) = daemon.wait().await;
-    println!("daemon exited with {code} {why}");
+    daemon.wait().await?; // Ok after an orderly drain
+    println!("daemon drained and stopped");
     Ok(())
 }

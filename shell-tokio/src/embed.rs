@@ -7,7 +7,7 @@ use std::sync::Arc;
 use inferd_core::config::{DaemonConfig, default_name};
 use inferd_core::daemon::Stats;
 use inferd_core::engine::Engine;
-use inferd_host::driver::{Driver, DriverHandle, ServeSetup};
+use inferd_host::driver::{Driver, DriverHandle, ServeError, ServeSetup};
 use inferd_host::signals::{
     self, Caught, SECOND_SIGNAL_EXIT_STATUS, SignalAction, SignalPolicy, startup_banner,
 };
@@ -24,7 +24,7 @@ use crate::{AbortOnDrop, TokioRuntime};
 ///
 /// # Panics
 /// Outside a tokio runtime (IO and time drivers enabled).
-pub fn start(setup: ServeSetup) -> (DriverHandle, JoinHandle<(i32, String)>) {
+pub fn start(setup: ServeSetup) -> (DriverHandle, JoinHandle<Result<(), ServeError>>) {
     let driver = Driver::new(TokioRuntime::current(), setup);
     let handle = driver.handle();
     (handle, tokio::spawn(driver.run()))
@@ -53,7 +53,7 @@ pub fn start_prepared(prepared: Prepared) -> Embedded {
 #[derive(Debug)]
 pub struct Embedded {
     handle: DriverHandle,
-    task: JoinHandle<(i32, String)>,
+    task: JoinHandle<Result<(), ServeError>>,
     paths: Paths,
 }
 
@@ -83,9 +83,11 @@ impl Embedded {
         &self.paths.infer
     }
 
-    /// Waits for the daemon to exit: its status (0 after an orderly drain) and the reason.
-    pub async fn wait(self) -> (i32, String) {
-        self.task.await.unwrap_or_else(|e| (1, format!("the daemon task failed: {e}")))
+    /// Waits for the daemon to exit: `Ok` after an orderly drain, else why it ended.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(ServeError::Host(format!("the daemon task failed: {e}"))))
     }
 }
 
@@ -240,7 +242,7 @@ pub fn shutdown_on_signals(handle: &DriverHandle) -> io::Result<SignalGuard> {
 ///
 /// # Panics
 /// Outside a tokio runtime (IO, time and signal drivers enabled).
-pub async fn serve(args: &ServeArgs) -> Result<(i32, String), StartError> {
+pub async fn serve(args: &ServeArgs) -> Result<Result<(), ServeError>, StartError> {
     let Prepared { setup, lock, paths } = inferd_serve::prepare(args)?;
     let driver = Driver::new(TokioRuntime::current(), setup);
     let signals = shutdown_on_signals(&driver.handle()).map_err(|e| {

@@ -27,7 +27,7 @@ mod embed;
 pub use embed::{
     EmbedConfig, Embedded, SignalGuard, serve, shutdown_on_signals, start, start_prepared,
 };
-pub use inferd_host::driver::{DriverHandle, ServeSetup};
+pub use inferd_host::driver::{DriverHandle, ServeError, ServeSetup};
 pub use inferd_serve::{Paths, Prepared, ServeArgs, StartError, StartErrorKind};
 
 /// The tokio runtime: timers and the driver's epoll descriptor are registered with the

@@ -124,11 +124,10 @@ impl Host {
                         let _ = std::fs::remove_file(&self.socket);
                     }
                 }
-                Output::Exit { code, message } => {
-                    if !message.is_empty() {
-                        eprintln!("mio_embed: {message}");
-                    }
-                    return Ok(Some(code));
+                Output::Exit { reason } if reason.is_orderly() => return Ok(Some(0)),
+                Output::Exit { reason } => {
+                    eprintln!("mio_embed: {reason}");
+                    return Ok(Some(1));
                 }
             }
         }
