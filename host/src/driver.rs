@@ -27,6 +27,7 @@ use crate::time::MonotonicClock;
 use inferd_core::config::DaemonConfig;
 use inferd_core::daemon::{Daemon, ExitReason, GenId, Input, ListenerKind, Output, Stats};
 use inferd_core::engine::{CancelFlag, Engine, EngineEvent};
+use inferd_core::time::Time;
 
 /// Why [`Driver::run`] ended other than with an orderly drain.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +41,6 @@ pub enum ServeError {
     Host(String),
 }
 
-/// A boxed future, as runtimes hand them out.
-pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
 /// A boxed future borrowing its source, as [`Readiness::readable`] hands them out.
 pub type BorrowedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -54,10 +52,19 @@ pub trait Readiness: Send {
     fn readable(&mut self) -> BorrowedFuture<'_, io::Result<()>>;
 }
 
+/// A one-shot timer the driver re-arms instead of creating a new sleep per wait.
+pub trait Timer: Send {
+    /// Arms the timer to fire `after` from now, replacing any earlier deadline.
+    fn reset(&mut self, after: Duration);
+    /// Completes once the deadline of the last [`Timer::reset`] has passed. The driver
+    /// only waits on an armed timer, and re-arms it after it fired.
+    fn wait(&mut self) -> BorrowedFuture<'_, ()>;
+}
+
 /// The few things that differ between async runtimes.
 pub trait Runtime: Clone + 'static {
-    /// A future that completes after `d`.
-    fn sleep(&self, d: Duration) -> BoxFuture;
+    /// A timer, not armed yet.
+    fn timer(&self) -> Box<dyn Timer>;
     /// Wraps the driver's epoll descriptor so that the driver can wait for it.
     fn readiness(&self, fd: OwnedFd) -> io::Result<Box<dyn Readiness>>;
 }
@@ -147,245 +154,354 @@ impl<R: Runtime> Driver<R> {
     }
 
     /// Serves until the daemon exits: `Ok` after an orderly drain, else why not.
+    ///
+    /// Each round carries out what the daemon asked for, then takes the next event
+    /// (waiting when there is none) and feeds it, with whatever else is already queued,
+    /// as one batch.
     pub async fn run(self) -> Result<(), ServeError> {
-        let Driver { rt, setup, tx, rx, stats } = self;
-        let ServeSetup {
-            config,
-            engines,
-            admin,
-            admin_path,
-            infer_path,
-            group,
-            tcp,
-            http,
-            mut log,
-        } = setup;
-        let clock = MonotonicClock::new();
-        let mut daemon = Daemon::new(config, clock.now(), crate::time::unix_millis_now());
-        let mut conns = match Conns::new() {
-            Ok(c) => c,
-            Err(e) => return Err(ServeError::Host(format!("cannot create the socket set: {e}"))),
-        };
-        let mut ready = match conns.fd().and_then(|fd| rt.readiness(fd)) {
-            Ok(r) => r,
-            Err(e) => return Err(ServeError::Host(format!("cannot watch the socket set: {e}"))),
-        };
-        if let Err(e) = conns.listen_unix(admin, ListenerKind::Admin) {
-            return Err(ServeError::Host(format!("cannot serve the admin socket: {e}")));
-        }
-        if let Some(addr) = http.as_deref() {
-            let bound = socket::bind_tcp_loopback(addr).map_err(|e| e.to_string()).and_then(|l| {
-                conns.listen_http(l).map_err(|e| format!("cannot serve HTTP {addr}: {e}"))
-            });
-            if let Err(msg) = bound {
-                return Err(ServeError::Host(msg));
+        let mut serving = Serving::start(self)?;
+        let result = loop {
+            if let Some(end) = serving.carry_out() {
+                break end;
             }
+            serving.publish_stats();
+            serving.yield_now_and_then().await;
+            match serving.next_event().await {
+                Next::Event(event) => serving.feed_batch(event),
+                Next::Again => {}
+                Next::End(end) => break end,
+            }
+        };
+        serving.tear_down();
+        result
+    }
+}
+
+/// One run of the driver: the daemon, its sockets and engines, and what the loop
+/// carries from one round to the next.
+struct Serving {
+    daemon: Daemon,
+    clock: MonotonicClock,
+    conns: Conns,
+    /// The socket set's descriptor in the runtime's reactor.
+    ready: Box<dyn Readiness>,
+    pool: EnginePool,
+    /// Cancellation flags of the generations under way.
+    cancels: HashMap<GenId, CancelFlag>,
+    /// What the last outputs brought (bytes read, flushes, inline engine events).
+    pending: VecDeque<Event>,
+    /// Control and loading events (unbounded).
+    rx: Receiver<Event>,
+    /// Generation events (bounded; see `GENERATION_EVENTS`).
+    gen_rx: Receiver<Event>,
+    log: Option<ActivityLogFile>,
+    /// The activity log's writes are failing (reported once per streak).
+    log_failing: bool,
+    infer_bound: bool,
+    infer_path: PathBuf,
+    admin_path: PathBuf,
+    group: Option<String>,
+    tcp: Option<String>,
+    stats: Arc<std::sync::Mutex<Stats>>,
+    /// Rounds since the loop last yielded to the other tasks of its thread.
+    busy: u32,
+    /// Engine events taken since the socket set was last asked; see `SOCKETS_EVERY`.
+    since_poll: u32,
+    /// The wake-up for the earliest deadline, and the deadline it is armed for.
+    timer: Box<dyn Timer>,
+    armed: Option<Time>,
+}
+
+/// What [`Serving::next_event`] found.
+enum Next {
+    /// An event to feed.
+    Event(Event),
+    /// Something was done instead (a timer fired, sockets reported); go round again.
+    Again,
+    /// The host cannot go on.
+    End(Result<(), ServeError>),
+}
+
+impl Serving {
+    /// Sets up the socket set, the listeners that exist from the start and the engine
+    /// pool, and starts loading the engines.
+    fn start<R: Runtime>(driver: Driver<R>) -> Result<Serving, ServeError> {
+        let Driver { rt, setup, tx, rx, stats } = driver;
+        let ServeSetup { config, engines, admin, admin_path, infer_path, group, tcp, http, log } =
+            setup;
+        let clock = MonotonicClock::new();
+        let daemon = Daemon::new(config, clock.now(), crate::time::unix_millis_now());
+        let mut conns = Conns::new()
+            .map_err(|e| ServeError::Host(format!("cannot create the socket set: {e}")))?;
+        let ready = conns
+            .fd()
+            .and_then(|fd| rt.readiness(fd))
+            .map_err(|e| ServeError::Host(format!("cannot watch the socket set: {e}")))?;
+        conns
+            .listen_unix(admin, ListenerKind::Admin)
+            .map_err(|e| ServeError::Host(format!("cannot serve the admin socket: {e}")))?;
+        if let Some(addr) = http.as_deref() {
+            socket::bind_tcp_loopback(addr)
+                .map_err(|e| e.to_string())
+                .and_then(|l| {
+                    conns.listen_http(l).map_err(|e| format!("cannot serve HTTP {addr}: {e}"))
+                })
+                .map_err(ServeError::Host)?;
         }
         // Engine events travel on their own bounded channel and are taken after socket
         // events: a `Flushed` must never wait behind thousands of queued tokens (the
         // write-stall timer would fire for a client that is reading fine), and an
         // engine faster than the driver blocks instead of growing a queue.
         let (gen_tx, gen_rx) = async_channel::bounded(GENERATION_EVENTS);
-        let pool = EnginePool::new(engines, tx.clone(), gen_tx);
+        let pool = EnginePool::new(engines, tx, gen_tx);
         pool.load_all();
+        Ok(Serving {
+            daemon,
+            clock,
+            conns,
+            ready,
+            pool,
+            cancels: HashMap::new(),
+            pending: VecDeque::new(),
+            rx,
+            gen_rx,
+            log,
+            log_failing: false,
+            infer_bound: false,
+            infer_path,
+            admin_path,
+            group,
+            tcp,
+            stats,
+            busy: 0,
+            since_poll: 0,
+            timer: rt.timer(),
+            armed: None,
+        })
+    }
 
-        let mut cancels: HashMap<GenId, CancelFlag> = HashMap::new();
-        let mut infer_bound = false;
-        // The activity log's writes are failing (reported once per streak).
-        let mut log_failing = false;
-        let mut pending: VecDeque<Event> = VecDeque::new();
-        let mut busy = 0u32;
-        // Events taken since the socket set was last asked; see `SOCKETS_EVERY`.
-        let mut since_poll = 0u32;
-        let mut sleeper: Option<(inferd_core::time::Time, BoxFuture)> = None;
-        let result = 'serve: loop {
-            // Carry out everything the daemon wants done. Reads and writes happen right
-            // here; what they bring (bytes, a flush) is queued as the next events.
-            while let Some(out) = daemon.poll_output() {
-                match out {
-                    Output::Send { conn, bytes } => conns.send(conn, bytes, &mut pending),
-                    Output::Read { conn } => conns.read(conn, &mut pending),
-                    Output::Close { conn } => conns.close(conn),
-                    Output::Start { generation, backend, request } => {
-                        let flag = pool.start(generation, backend, request, &mut pending);
-                        cancels.insert(generation, flag);
-                    }
-                    Output::Cancel { generation } => {
-                        if let Some(flag) = cancels.get(&generation) {
-                            flag.cancel();
-                        }
-                    }
-                    Output::Activity(line) => {
-                        if let Some(log) = log.as_mut() {
-                            log.push(&line);
-                            if log.pending_bytes() >= LOG_BATCH_BYTES {
-                                flush_log(log, &mut log_failing, &mut daemon);
-                            }
-                        }
-                    }
-                    Output::BindInference => {
-                        match bind_inference(
-                            &mut conns,
-                            &infer_path,
-                            group.as_deref(),
-                            tcp.as_deref(),
-                        ) {
-                            Ok(()) => infer_bound = true,
-                            Err(msg) => break 'serve Err(ServeError::Host(msg)),
-                        }
-                    }
-                    Output::StopAccepting => {
-                        conns.stop_listening();
-                        if infer_bound {
-                            let _ = socket::remove_socket_file(&infer_path);
-                        }
-                        let _ = socket::remove_socket_file(&admin_path);
-                    }
-                    Output::Exit { reason } if reason.is_orderly() => break 'serve Ok(()),
-                    Output::Exit { reason } => break 'serve Err(ServeError::Daemon(reason)),
+    /// Carries out everything the daemon wants done; `Some` once the run is over.
+    /// Reads and writes happen right here; what they bring (bytes, a flush) is queued
+    /// as the next events.
+    fn carry_out(&mut self) -> Option<Result<(), ServeError>> {
+        while let Some(out) = self.daemon.poll_output() {
+            match out {
+                Output::Send { conn, bytes } => self.conns.send(conn, bytes, &mut self.pending),
+                Output::Read { conn } => self.conns.read(conn, &mut self.pending),
+                Output::Close { conn } => self.conns.close(conn),
+                Output::Start { generation, backend, request } => {
+                    let flag = self.pool.start(generation, backend, request, &mut self.pending);
+                    self.cancels.insert(generation, flag);
                 }
-            }
-            if let Ok(mut s) = stats.lock() {
-                *s = daemon.stats();
-            }
-            // Let the other tasks of this thread (signal handlers, an embedding host's)
-            // run now and then: with events always waiting, the loop would never yield.
-            busy += 1;
-            if busy >= YIELD_EVERY {
-                busy = 0;
-                futures_lite::future::yield_now().await;
-            }
-            // Next event: what the last outputs brought, control events, due timers,
-            // socket readiness, then engine events (asking the sockets at least every
-            // SOCKETS_EVERY engine events); when nothing is left, flush the log and wait.
-            let now = clock.now();
-            let event = if let Some(ev) = pending.pop_front() {
-                ev
-            } else if let Ok(ev) = rx.try_recv() {
-                ev
-            } else if daemon.poll_timeout().is_some_and(|t| t <= now) {
-                daemon.handle(now, Input::Timeout);
-                continue;
-            } else if since_poll >= SOCKETS_EVERY || gen_rx.is_empty() {
-                since_poll = 0;
-                let drained = match conns.poll(now, &mut pending) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        break 'serve Err(ServeError::Host(format!(
-                            "cannot poll the sockets: {e}"
-                        )));
+                Output::Cancel { generation } => {
+                    if let Some(flag) = self.cancels.get(&generation) {
+                        flag.cancel();
                     }
-                };
-                if !pending.is_empty() || !drained {
-                    continue;
                 }
-                if let Ok(ev) = gen_rx.try_recv() {
-                    ev
-                } else {
-                    if let Some(log) = log.as_mut() {
-                        flush_log(log, &mut log_failing, &mut daemon);
-                    }
-                    busy = 0;
-                    // One timer per deadline, kept across waits: the earliest deadline (a
-                    // write-stall check a minute out) rarely moves, and arming a fresh
-                    // timer on every wait costs a syscall per request.
-                    let deadline = match (daemon.poll_timeout(), conns.next_retry()) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    if sleeper.as_ref().map(|(t, _)| *t) != deadline {
-                        sleeper = deadline.map(|t| (t, rt.sleep(clock.until(t))));
-                    }
-                    match wait(&rx, &gen_rx, ready.as_mut(), sleeper.as_mut().map(|(_, f)| f)).await
-                    {
-                        Woken::Event(ev) => ev,
-                        // Asked at the top of the next round.
-                        Woken::Sockets => continue,
-                        Woken::SocketsFailed(e) => {
-                            break 'serve Err(ServeError::Host(format!(
-                                "cannot wait for the sockets: {e}"
-                            )));
-                        }
-                        Woken::Deadline => {
-                            sleeper = None;
-                            daemon.handle(clock.now(), Input::Timeout);
-                            continue;
+                Output::Activity(line) => {
+                    if let Some(log) = self.log.as_mut() {
+                        log.push(&line);
+                        if log.pending_bytes() >= LOG_BATCH_BYTES {
+                            flush_log(log, &mut self.log_failing, &mut self.daemon);
                         }
                     }
                 }
-            } else if let Ok(ev) = gen_rx.try_recv() {
-                ev
-            } else {
-                continue;
+                Output::BindInference => {
+                    match bind_inference(
+                        &mut self.conns,
+                        &self.infer_path,
+                        self.group.as_deref(),
+                        self.tcp.as_deref(),
+                    ) {
+                        Ok(()) => self.infer_bound = true,
+                        Err(msg) => return Some(Err(ServeError::Host(msg))),
+                    }
+                }
+                Output::StopAccepting => {
+                    self.conns.stop_listening();
+                    self.remove_socket_files();
+                }
+                Output::Exit { reason } if reason.is_orderly() => return Some(Ok(())),
+                Output::Exit { reason } => return Some(Err(ServeError::Daemon(reason))),
+            }
+        }
+        None
+    }
+
+    /// Makes the daemon's counters readable through the [`DriverHandle`].
+    fn publish_stats(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            *s = self.daemon.stats();
+        }
+    }
+
+    /// Lets the other tasks of this thread (signal handlers, an embedding host's) run
+    /// now and then: with events always waiting, the loop would never yield.
+    async fn yield_now_and_then(&mut self) {
+        self.busy += 1;
+        if self.busy >= YIELD_EVERY {
+            self.busy = 0;
+            futures_lite::future::yield_now().await;
+        }
+    }
+
+    /// The next queued event, in the one order of preference: what the last outputs
+    /// brought, then control events, then (when `engine` allows) engine events.
+    fn take_queued(&mut self, engine: bool) -> Option<Event> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        if let Ok(event) = self.rx.try_recv() {
+            return Some(event);
+        }
+        if engine && let Ok(event) = self.gen_rx.try_recv() {
+            return Some(event);
+        }
+        None
+    }
+
+    /// The next event: a queued one, else a due timer, else socket readiness (asked at
+    /// least every `SOCKETS_EVERY` engine events), else an engine event; when nothing is
+    /// left, flushes the log and waits.
+    async fn next_event(&mut self) -> Next {
+        if let Some(event) = self.take_queued(false) {
+            return Next::Event(event);
+        }
+        let now = self.clock.now();
+        if self.daemon.poll_timeout().is_some_and(|t| t <= now) {
+            self.daemon.handle(now, Input::Timeout);
+            return Next::Again;
+        }
+        if self.since_poll < SOCKETS_EVERY && !self.gen_rx.is_empty() {
+            return match self.gen_rx.try_recv() {
+                Ok(event) => Next::Event(event),
+                Err(_) => Next::Again,
             };
-            let now = clock.now();
-            // Feed every event already queued (in the same order of preference) before
-            // carrying out the outputs, so that what one wake-up brought (a token and the
-            // done after it, a flush and the next request) leaves as one write.
-            let mut event = event;
-            let mut batch = 1;
-            loop {
-                if matches!(event, Event::Engine { .. }) {
-                    since_poll += 1;
-                }
-                match event {
-                    Event::Accepted { conn, listener, peer } => {
-                        daemon.handle(now, Input::Accepted { conn, listener, peer });
-                    }
-                    Event::Received { conn, bytes } => {
-                        daemon.handle(now, Input::Received { conn, bytes: &bytes })
-                    }
-                    Event::ReadClosed { conn } => daemon.handle(now, Input::ReadClosed { conn }),
-                    Event::HungUp { conn } => daemon.handle(now, Input::HungUp { conn }),
-                    Event::Flushed { conn } => daemon.handle(now, Input::Flushed { conn }),
-                    Event::Engine { generation, event } => {
-                        if !matches!(event, EngineEvent::Token(_)) {
-                            cancels.remove(&generation);
-                        }
-                        daemon.handle(now, Input::Engine { generation, event });
-                    }
-                    Event::BackendPhase { backend, phase } => {
-                        daemon.handle(now, Input::BackendPhase { backend, phase })
-                    }
-                    Event::BackendLoaded { backend, capabilities } => {
-                        daemon.handle(now, Input::BackendLoaded { backend, capabilities })
-                    }
-                    Event::BackendFailed { backend, error } => {
-                        daemon.handle(now, Input::BackendFailed { backend, error })
-                    }
-                    Event::Shutdown => daemon.handle(now, Input::Shutdown),
-                }
-                if batch == MAX_BATCH {
-                    break;
-                }
-                batch += 1;
-                event = if let Some(ev) = pending.pop_front() {
-                    ev
-                } else if let Ok(ev) = rx.try_recv() {
-                    ev
-                } else if since_poll < SOCKETS_EVERY
-                    && let Ok(ev) = gen_rx.try_recv()
-                {
-                    ev
-                } else {
-                    break;
-                };
+        }
+        self.since_poll = 0;
+        let drained = match self.conns.poll(now, &mut self.pending) {
+            Ok(drained) => drained,
+            Err(e) => {
+                return Next::End(Err(ServeError::Host(format!("cannot poll the sockets: {e}"))));
             }
         };
-        // Whatever the reason for leaving: close connections, stop engines, tidy files.
-        conns.close_all();
-        for flag in cancels.values() {
+        if !self.pending.is_empty() || !drained {
+            return Next::Again;
+        }
+        if let Ok(event) = self.gen_rx.try_recv() {
+            return Next::Event(event);
+        }
+        self.wait().await
+    }
+
+    /// Nothing is ready: flushes the log, arms the timer for the earliest deadline and
+    /// waits for an event, the sockets or that deadline.
+    async fn wait(&mut self) -> Next {
+        if let Some(log) = self.log.as_mut() {
+            flush_log(log, &mut self.log_failing, &mut self.daemon);
+        }
+        self.busy = 0;
+        // The timer is re-armed only when the earliest deadline moved: it rarely does
+        // (a write-stall check a minute out), and arming one costs a syscall.
+        let deadline = match (self.daemon.poll_timeout(), self.conns.next_retry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.armed != deadline {
+            if let Some(t) = deadline {
+                self.timer.reset(self.clock.until(t));
+            }
+            self.armed = deadline;
+        }
+        let timer: Option<&mut dyn Timer> =
+            if self.armed.is_some() { Some(&mut *self.timer) } else { None };
+        match wait(&self.rx, &self.gen_rx, self.ready.as_mut(), timer).await {
+            Woken::Event(event) => Next::Event(event),
+            // Asked at the top of the next round.
+            Woken::Sockets => Next::Again,
+            Woken::SocketsFailed(e) => {
+                Next::End(Err(ServeError::Host(format!("cannot wait for the sockets: {e}"))))
+            }
+            Woken::Deadline => {
+                self.armed = None;
+                self.daemon.handle(self.clock.now(), Input::Timeout);
+                Next::Again
+            }
+        }
+    }
+
+    /// Feeds `first` and every event already queued after it (up to `MAX_BATCH`) before
+    /// the outputs are carried out, so that what one wake-up brought (a token and the
+    /// done after it, a flush and the next request) leaves as one write.
+    fn feed_batch(&mut self, first: Event) {
+        let now = self.clock.now();
+        let mut event = first;
+        let mut batch = 1;
+        loop {
+            self.feed(now, event);
+            if batch == MAX_BATCH {
+                break;
+            }
+            batch += 1;
+            match self.take_queued(self.since_poll < SOCKETS_EVERY) {
+                Some(next) => event = next,
+                None => break,
+            }
+        }
+    }
+
+    /// Hands one event to the daemon as its input.
+    fn feed(&mut self, now: Time, event: Event) {
+        let daemon = &mut self.daemon;
+        match event {
+            Event::Accepted { conn, listener, peer } => {
+                daemon.handle(now, Input::Accepted { conn, listener, peer });
+            }
+            Event::Received { conn, bytes } => {
+                daemon.handle(now, Input::Received { conn, bytes: &bytes })
+            }
+            Event::ReadClosed { conn } => daemon.handle(now, Input::ReadClosed { conn }),
+            Event::HungUp { conn } => daemon.handle(now, Input::HungUp { conn }),
+            Event::Flushed { conn } => daemon.handle(now, Input::Flushed { conn }),
+            Event::Engine { generation, event } => {
+                self.since_poll += 1;
+                if !matches!(event, EngineEvent::Token(_)) {
+                    self.cancels.remove(&generation);
+                }
+                daemon.handle(now, Input::Engine { generation, event });
+            }
+            Event::BackendPhase { backend, phase } => {
+                daemon.handle(now, Input::BackendPhase { backend, phase })
+            }
+            Event::BackendLoaded { backend, capabilities } => {
+                daemon.handle(now, Input::BackendLoaded { backend, capabilities })
+            }
+            Event::BackendFailed { backend, error } => {
+                daemon.handle(now, Input::BackendFailed { backend, error })
+            }
+            Event::Shutdown => daemon.handle(now, Input::Shutdown),
+        }
+    }
+
+    /// Whatever the reason for leaving: closes connections, stops engines, tidies files.
+    fn tear_down(mut self) {
+        self.conns.close_all();
+        for flag in self.cancels.values() {
             flag.cancel();
         }
-        conns.stop_listening();
-        if infer_bound {
-            let _ = socket::remove_socket_file(&infer_path);
-        }
-        let _ = socket::remove_socket_file(&admin_path);
-        if let Some(mut log) = log {
+        self.conns.stop_listening();
+        self.remove_socket_files();
+        if let Some(mut log) = self.log.take() {
             let _ = log.flush();
         }
-        result
+    }
+
+    /// Removes the socket files this run created.
+    fn remove_socket_files(&self) {
+        if self.infer_bound {
+            let _ = socket::remove_socket_file(&self.infer_path);
+        }
+        let _ = socket::remove_socket_file(&self.admin_path);
     }
 }
 
@@ -432,7 +548,7 @@ async fn wait(
     rx: &Receiver<Event>,
     gen_rx: &Receiver<Event>,
     ready: &mut dyn Readiness,
-    sleeper: Option<&mut BoxFuture>,
+    timer: Option<&mut dyn Timer>,
 ) -> Woken {
     use futures_lite::future::or;
     let channels = or(async { rx.recv().await.ok() }, async { gen_rx.recv().await.ok() });
@@ -452,11 +568,11 @@ async fn wait(
             }
         },
     );
-    match sleeper {
+    match timer {
         None => events.await,
-        Some(sleep) => {
+        Some(timer) => {
             or(events, async {
-                sleep.await;
+                timer.wait().await;
                 Woken::Deadline
             })
             .await
