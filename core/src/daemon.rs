@@ -238,6 +238,16 @@ impl ExitReason {
     }
 }
 
+/// One line taken off a NDJSON connection, sorted for the line loop.
+enum LineIn {
+    /// Over the frame cap.
+    TooLarge,
+    /// What should be a TCP connection's authentication line (`None`: it is not one).
+    Auth(Option<AuthLine>),
+    /// A request line, decoded or refused.
+    Request(Result<wire::Request, wire::DecodeError>),
+}
+
 /// A snapshot of the daemon's counters, for stats events and embedding hosts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -849,16 +859,15 @@ impl Daemon {
             let authed = c.authed;
             let line = match c.decoder.next_line() {
                 None => break,
-                Some(Line::TooLarge) => Err(()),
-                Some(Line::Complete(line)) => Ok(if authed {
-                    Ok(wire::decode_request(line))
-                } else {
-                    Err(serde_json::from_slice::<AuthLine>(line).ok())
-                }),
+                Some(Line::TooLarge) => LineIn::TooLarge,
+                Some(Line::Complete(line)) if authed => LineIn::Request(wire::decode_request(line)),
+                Some(Line::Complete(line)) => {
+                    LineIn::Auth(serde_json::from_slice::<AuthLine>(line).ok())
+                }
             };
             match line {
-                Err(()) if !authed => self.reject_auth(id),
-                Err(()) => {
+                LineIn::TooLarge if !authed => self.reject_auth(id),
+                LineIn::TooLarge => {
                     let rec = self.record(Level::Warn, "request_oversized");
                     self.log(rec);
                     let cap = self.cfg.max_frame_bytes;
@@ -870,7 +879,7 @@ impl Daemon {
                     );
                     self.close_after_flush(id);
                 }
-                Ok(Err(auth)) => {
+                LineIn::Auth(auth) => {
                     let key = self.cfg.api_key.as_deref().unwrap_or_default().as_bytes();
                     match auth {
                         Some(a)
@@ -889,14 +898,14 @@ impl Daemon {
                         _ => self.reject_auth(id),
                     }
                 }
-                Ok(Ok(Err(e))) => {
+                LineIn::Request(Err(e)) => {
                     let e = self.bound_error_id(e);
                     self.reject(id, e.id(), ErrorCode::InvalidRequest, e.message());
                     if e.closes_connection() {
                         self.close_after_flush(id);
                     }
                 }
-                Ok(Ok(Ok(req))) => self.on_request(id, req),
+                LineIn::Request(Ok(req)) => self.on_request(id, req),
             }
         }
         // Out of complete lines: ask for more, or finish a half-closed connection.
