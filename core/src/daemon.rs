@@ -238,6 +238,17 @@ impl ExitReason {
     }
 }
 
+/// Puts connection `id` on the flush queue unless it is queued already or a write is in
+/// flight (its `Flushed` queues it again). The one place that does; it takes the queue
+/// and the connection apart so that code already holding the connection (a token, an
+/// admin event) can call it without looking the connection up again.
+fn enqueue_flush(flush_queue: &mut VecDeque<ConnId>, id: ConnId, c: &mut Conn) {
+    if !c.in_flush_queue && c.writing_since.is_none() {
+        c.in_flush_queue = true;
+        flush_queue.push_back(id);
+    }
+}
+
 /// One line taken off a NDJSON connection, sorted for the line loop.
 enum LineIn {
     /// Over the frame cap.
@@ -995,14 +1006,13 @@ impl Daemon {
         self.outputs.push_back(Output::Close { conn: id });
     }
 
+    /// Queues connection `id` to be flushed if it has output waiting (see
+    /// [`enqueue_flush`], which callers holding the connection use directly).
     fn queue_flush(&mut self, id: ConnId) {
         if let Some(c) = self.conns.get_mut(&id)
-            && !c.in_flush_queue
-            && c.writing_since.is_none()
             && c.has_output()
         {
-            c.in_flush_queue = true;
-            self.flush_queue.push_back(id);
+            enqueue_flush(&mut self.flush_queue, id, c);
         }
     }
 
@@ -1280,10 +1290,7 @@ impl Daemon {
                         }
                     }
                     c.seal_if_full();
-                    if !c.in_flush_queue && c.writing_since.is_none() {
-                        c.in_flush_queue = true;
-                        self.flush_queue.push_back(conn);
-                    }
+                    enqueue_flush(&mut self.flush_queue, conn, c);
                 }
             }
             EngineEvent::Done(done) => self.finish_gen(generation, conn, Ok(done)),
@@ -1488,9 +1495,8 @@ impl Daemon {
                 c.events_buffered += 1;
                 if c.events_buffered + c.events_in_flight > limit {
                     laggards.push(*id);
-                } else if !c.in_flush_queue && c.writing_since.is_none() {
-                    c.in_flush_queue = true;
-                    self.flush_queue.push_back(*id);
+                } else {
+                    enqueue_flush(&mut self.flush_queue, *id, c);
                 }
             }
         }
