@@ -2,8 +2,7 @@
 //! with tokio, and an API to run the daemon inside a program that already runs tokio.
 //!
 //! Everything else lives in `inferd-core` (the daemon) and `inferd-host` (the driver, the
-//! OS glue); the
-//! command line and the start-up steps live in `inferd-serve`. See [`EmbedConfig`] to
+//! OS glue); the command line and the start-up steps live in `inferd-serve`. See [`EmbedConfig`] to
 //! start a daemon with your own engines, [`serve`] to run `inferd-tokio serve` as a call.
 //!
 //! The driver future is `Send`, so it runs on a multi-thread runtime as well as on a
