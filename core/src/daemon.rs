@@ -1,8 +1,7 @@
 //! The daemon state machine: everything that happens goes in through [`Daemon::handle`],
 //! everything it wants done comes out of [`Daemon::poll_output`].
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::activity::{Level, Record, WallClock};
@@ -314,7 +313,7 @@ pub const MAX_AUTH_LINE_BYTES: usize = 4096;
 /// How long after the drain deadline the daemon waits for final frames to flush.
 const DRAIN_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum TimerKey {
     WriteStall(ConnId),
     ReadIdle(ConnId),
@@ -326,6 +325,53 @@ enum TimerKey {
     DrainGrace,
     /// The last frames to admin subscribers (the `draining` status) had their chance.
     AdminFlush,
+}
+
+/// The daemon's deadlines: at most one per key, in deadline order. Setting a key again
+/// moves its deadline and stopping it removes it, so nothing stale is left to wake the
+/// host for nothing.
+#[derive(Debug, Default)]
+struct Timers {
+    by_key: HashMap<TimerKey, Time>,
+    order: BTreeSet<(Time, TimerKey)>,
+}
+
+impl Timers {
+    /// Sets `key` to fire at `at`, replacing its earlier deadline if any.
+    fn set(&mut self, key: TimerKey, at: Time) {
+        if let Some(old) = self.by_key.insert(key, at) {
+            self.order.remove(&(old, key));
+        }
+        self.order.insert((at, key));
+    }
+
+    /// Removes `key`'s deadline, if set.
+    fn stop(&mut self, key: TimerKey) {
+        if let Some(old) = self.by_key.remove(&key) {
+            self.order.remove(&(old, key));
+        }
+    }
+
+    /// Whether `key` has a deadline.
+    fn is_set(&self, key: TimerKey) -> bool {
+        self.by_key.contains_key(&key)
+    }
+
+    /// The earliest deadline.
+    fn next(&self) -> Option<Time> {
+        self.order.first().map(|(at, _)| *at)
+    }
+
+    /// Takes the earliest key whose deadline is at or before `now`.
+    fn pop_due(&mut self, now: Time) -> Option<TimerKey> {
+        let &(at, key) = self.order.first()?;
+        if at > now {
+            return None;
+        }
+        self.order.remove(&(at, key));
+        self.by_key.remove(&key);
+        Some(key)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -390,8 +436,6 @@ struct Conn {
     read_closed: bool,
     closing: bool,
     partial_since: Option<Time>,
-    write_timer: bool,
-    read_timer: bool,
     request: Option<ReqState>,
     /// HTTP only: the request reader and the state of the answer in progress.
     http: Option<Box<http::HttpConn>>,
@@ -475,11 +519,10 @@ pub struct Daemon {
     backends: Vec<BackendInfo>,
     outputs: VecDeque<Output>,
     flush_queue: VecDeque<ConnId>,
-    timers: BinaryHeap<Reverse<(Time, TimerKey)>>,
+    timers: Timers,
     admin_state: AdminState,
     capabilities_frames: Vec<u8>,
     stats_dirty: bool,
-    stats_timer: bool,
     served: u64,
     /// Running totals over requests that ended with `done`, for the stats event.
     prompt_tokens_total: u64,
@@ -522,11 +565,10 @@ impl Daemon {
             next_gen: 1,
             outputs: VecDeque::new(),
             flush_queue: VecDeque::new(),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             admin_state: AdminState::Starting,
             capabilities_frames: Vec::new(),
             stats_dirty: false,
-            stats_timer: false,
             served: 0,
             prompt_tokens_total: 0,
             prompt_cached_total: 0,
@@ -605,9 +647,9 @@ impl Daemon {
             c.writing_since = Some(now);
             c.events_in_flight = std::mem::take(&mut c.events_buffered);
             let bytes = c.next_send();
-            let arm = !c.write_timer && !self.cfg.write_timeout.is_zero();
+            let arm =
+                !self.timers.is_set(TimerKey::WriteStall(id)) && !self.cfg.write_timeout.is_zero();
             if arm {
-                c.write_timer = true;
                 let at = now + self.cfg.write_timeout;
                 self.arm(at, TimerKey::WriteStall(id));
             }
@@ -621,7 +663,7 @@ impl Daemon {
         if self.phase == Phase::Exited {
             return None;
         }
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        self.timers.next()
     }
 
     /// Current counters.
@@ -733,8 +775,6 @@ impl Daemon {
             read_closed: false,
             closing: false,
             partial_since: None,
-            write_timer: false,
-            read_timer: false,
             request: None,
             http: (listener == ListenerKind::Http).then(|| {
                 Box::new(http::HttpConn::new(HttpLimits::with_max_body(self.cfg.max_frame_bytes)))
@@ -942,8 +982,7 @@ impl Daemon {
         if partial {
             if c.partial_since.is_none() {
                 c.partial_since = Some(now);
-                if !read_timeout.is_zero() && !c.read_timer {
-                    c.read_timer = true;
+                if !read_timeout.is_zero() && !self.timers.is_set(TimerKey::ReadIdle(id)) {
                     self.arm(now + read_timeout, TimerKey::ReadIdle(id));
                 }
             }
@@ -997,6 +1036,9 @@ impl Daemon {
     /// Forgets a connection and tells the shell to close it.
     fn finish_conn(&mut self, id: ConnId) {
         let Some(c) = self.conns.remove(&id) else { return };
+        self.timers.stop(TimerKey::WriteStall(id));
+        self.timers.stop(TimerKey::ReadIdle(id));
+        self.timers.stop(TimerKey::AuthDeadline(id));
         if c.kind.serves_requests() {
             self.inference_conns -= 1;
             self.stats_dirty = true;
@@ -1506,8 +1548,8 @@ impl Daemon {
     }
 
     fn arm_stats(&mut self) {
-        if self.stats_dirty && !self.stats_timer && !self.admin_conns.is_empty() {
-            self.stats_timer = true;
+        if self.stats_dirty && !self.timers.is_set(TimerKey::Stats) && !self.admin_conns.is_empty()
+        {
             let at = self.now + self.cfg.stats_interval;
             self.arm(at, TimerKey::Stats);
         }
@@ -1544,16 +1586,12 @@ impl Daemon {
     // ---- timers, shutdown ----------------------------------------------------------
 
     fn arm(&mut self, at: Time, key: TimerKey) {
-        self.timers.push(Reverse((at, key)));
+        self.timers.set(key, at);
     }
 
     fn on_timeout(&mut self) {
         let now = self.now;
-        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(key) = self.timers.pop_due(now) {
             self.fire(key, now);
         }
     }
@@ -1563,7 +1601,6 @@ impl Daemon {
             TimerKey::WriteStall(id) => {
                 let timeout = self.cfg.write_timeout;
                 let Some(c) = self.conns.get_mut(&id) else { return };
-                c.write_timer = false;
                 match c.writing_since {
                     Some(since) if now.saturating_since(since) >= timeout => {
                         // The activity log must not leave `request_done` as the last word
@@ -1578,7 +1615,6 @@ impl Daemon {
                         self.drop_conn(id);
                     }
                     Some(since) => {
-                        c.write_timer = true;
                         self.arm(since + timeout, TimerKey::WriteStall(id));
                     }
                     None => {}
@@ -1594,7 +1630,6 @@ impl Daemon {
             TimerKey::ReadIdle(id) => {
                 let timeout = self.cfg.read_timeout;
                 let Some(c) = self.conns.get_mut(&id) else { return };
-                c.read_timer = false;
                 match c.partial_since {
                     Some(since)
                         if c.request.is_none() && now.saturating_since(since) >= timeout =>
@@ -1603,14 +1638,12 @@ impl Daemon {
                         self.drop_conn(id);
                     }
                     Some(since) => {
-                        c.read_timer = true;
                         self.arm(since + timeout, TimerKey::ReadIdle(id));
                     }
                     None => {}
                 }
             }
             TimerKey::Stats => {
-                self.stats_timer = false;
                 if self.stats_dirty {
                     self.stats_dirty = false;
                     self.publish_stats();
