@@ -11,7 +11,6 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod http;
@@ -19,29 +18,18 @@ pub use http::HttpClient;
 
 /// A directory removed when dropped.
 #[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
-    /// A fresh directory under the system temp dir, named after `tag`, this process
-    /// and a counter. Kept short: Unix socket paths inside it must fit in 108 bytes.
+    /// A fresh directory under the system temp dir, named after `tag` (`tempfile` makes
+    /// it unique). Kept short: Unix socket paths inside it must fit in 108 bytes.
     pub fn new(tag: &str) -> io::Result<TempDir> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ib-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)?;
-        Ok(TempDir(path))
+        Ok(TempDir(tempfile::Builder::new().prefix(&format!("ib-{tag}-")).tempdir()?))
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

@@ -3,7 +3,7 @@
 //! Records carry `t` (RFC 3339, UTC), `level`, `component`, `msg` and flat fields. The
 //! core has no wall clock: [`WallClock`] maps the shell's monotonic [`Time`] onto the
 //! wall-clock reading the shell gave once at start. Every string value goes through
-//! [`redact`](crate::redact::redact); prompts and outputs are never recorded.
+//! [`redact`](crate::redact::redact()); prompts and outputs are never recorded.
 
 use crate::redact::redact;
 use crate::time::Time;

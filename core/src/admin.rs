@@ -71,7 +71,7 @@ pub fn encode_capabilities(out: &mut Vec<u8>, caps: &Capabilities) {
     finish(out, m);
 }
 
-/// The counters of a `stats` event [ours].
+/// The counters of a `stats` event \[ours\].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatsEvent<'a> {
     /// Requests waiting.

@@ -48,10 +48,10 @@ pub struct DaemonConfig {
     /// An admin subscriber this many events behind is disconnected.
     pub admin_lag_limit: usize,
     /// Admin subscribers at most; a newcomer past it takes the place of the oldest one
-    /// that lags, or is refused when none lags [ours].
+    /// that lags, or is refused when none lags \[ours\].
     pub max_admin_subscribers: usize,
     /// A TCP client must present its key within this, or it is disconnected; zero
-    /// disables [ours].
+    /// disables \[ours\].
     pub auth_timeout: Duration,
     /// The circuit breaker policy.
     pub breaker: BreakerPolicy,
@@ -61,7 +61,7 @@ pub struct DaemonConfig {
     pub api_key: Option<String>,
     /// Backend names in priority order.
     pub backends: Vec<String>,
-    /// Whether `done` frames carry `timings` [ours].
+    /// Whether `done` frames carry `timings` \[ours\].
     pub timings: bool,
 }
 

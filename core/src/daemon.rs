@@ -1,8 +1,7 @@
 //! The daemon state machine: everything that happens goes in through [`Daemon::handle`],
 //! everything it wants done comes out of [`Daemon::poll_output`].
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::activity::{Level, Record, WallClock};
@@ -199,13 +198,64 @@ pub enum Output {
     BindInference,
     /// Shutting down: close the listeners; accept nothing more.
     StopAccepting,
-    /// Exit the process with this status once the outputs before it are carried out.
+    /// The daemon is done: end once the outputs before it are carried out. The core
+    /// says why; the shells decide what exit status and text that means.
     Exit {
-        /// 0 after an orderly drain.
-        code: i32,
-        /// Why, for the operator (empty after an orderly drain).
-        message: String,
+        /// Why the daemon ended.
+        reason: ExitReason,
     },
+}
+
+/// Why the daemon ended ([`Output::Exit`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExitReason {
+    /// An orderly end: drained after a shutdown request.
+    #[error("drained after a shutdown request")]
+    Drained,
+    /// A backend failed while the daemon was starting.
+    #[error("backend {backend} failed to load: {error}")]
+    BackendFailedToLoad {
+        /// The backend's name.
+        backend: String,
+        /// What the engine reported.
+        error: String,
+    },
+    /// Some backends were still loading when the ready timeout passed.
+    #[error("backends not ready after {secs} s: {}", waiting.join(", "))]
+    NotReadyInTime {
+        /// The ready timeout, in seconds.
+        secs: u64,
+        /// The backends still loading.
+        waiting: Vec<String>,
+    },
+}
+
+impl ExitReason {
+    /// Whether this is the orderly end after a shutdown request (not a failure).
+    pub fn is_orderly(&self) -> bool {
+        matches!(self, ExitReason::Drained)
+    }
+}
+
+/// Puts connection `id` on the flush queue unless it is queued already or a write is in
+/// flight (its `Flushed` queues it again). The one place that does; it takes the queue
+/// and the connection apart so that code already holding the connection (a token, an
+/// admin event) can call it without looking the connection up again.
+fn enqueue_flush(flush_queue: &mut VecDeque<ConnId>, id: ConnId, c: &mut Conn) {
+    if !c.in_flush_queue && c.writing_since.is_none() {
+        c.in_flush_queue = true;
+        flush_queue.push_back(id);
+    }
+}
+
+/// One line taken off a NDJSON connection, sorted for the line loop.
+enum LineIn {
+    /// Over the frame cap.
+    TooLarge,
+    /// What should be a TCP connection's authentication line (`None`: it is not one).
+    Auth(Option<AuthLine>),
+    /// A request line, decoded or refused.
+    Request(Result<wire::Request, wire::DecodeError>),
 }
 
 /// A snapshot of the daemon's counters, for stats events and embedding hosts.
@@ -263,7 +313,7 @@ pub const MAX_AUTH_LINE_BYTES: usize = 4096;
 /// How long after the drain deadline the daemon waits for final frames to flush.
 const DRAIN_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum TimerKey {
     WriteStall(ConnId),
     ReadIdle(ConnId),
@@ -275,6 +325,53 @@ enum TimerKey {
     DrainGrace,
     /// The last frames to admin subscribers (the `draining` status) had their chance.
     AdminFlush,
+}
+
+/// The daemon's deadlines: at most one per key, in deadline order. Setting a key again
+/// moves its deadline and stopping it removes it, so nothing stale is left to wake the
+/// host for nothing.
+#[derive(Debug, Default)]
+struct Timers {
+    by_key: HashMap<TimerKey, Time>,
+    order: BTreeSet<(Time, TimerKey)>,
+}
+
+impl Timers {
+    /// Sets `key` to fire at `at`, replacing its earlier deadline if any.
+    fn set(&mut self, key: TimerKey, at: Time) {
+        if let Some(old) = self.by_key.insert(key, at) {
+            self.order.remove(&(old, key));
+        }
+        self.order.insert((at, key));
+    }
+
+    /// Removes `key`'s deadline, if set.
+    fn stop(&mut self, key: TimerKey) {
+        if let Some(old) = self.by_key.remove(&key) {
+            self.order.remove(&(old, key));
+        }
+    }
+
+    /// Whether `key` has a deadline.
+    fn is_set(&self, key: TimerKey) -> bool {
+        self.by_key.contains_key(&key)
+    }
+
+    /// The earliest deadline.
+    fn next(&self) -> Option<Time> {
+        self.order.first().map(|(at, _)| *at)
+    }
+
+    /// Takes the earliest key whose deadline is at or before `now`.
+    fn pop_due(&mut self, now: Time) -> Option<TimerKey> {
+        let &(at, key) = self.order.first()?;
+        if at > now {
+            return None;
+        }
+        self.order.remove(&(at, key));
+        self.by_key.remove(&key);
+        Some(key)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -339,8 +436,6 @@ struct Conn {
     read_closed: bool,
     closing: bool,
     partial_since: Option<Time>,
-    write_timer: bool,
-    read_timer: bool,
     request: Option<ReqState>,
     /// HTTP only: the request reader and the state of the answer in progress.
     http: Option<Box<http::HttpConn>>,
@@ -424,11 +519,10 @@ pub struct Daemon {
     backends: Vec<BackendInfo>,
     outputs: VecDeque<Output>,
     flush_queue: VecDeque<ConnId>,
-    timers: BinaryHeap<Reverse<(Time, TimerKey)>>,
+    timers: Timers,
     admin_state: AdminState,
     capabilities_frames: Vec<u8>,
     stats_dirty: bool,
-    stats_timer: bool,
     served: u64,
     /// Running totals over requests that ended with `done`, for the stats event.
     prompt_tokens_total: u64,
@@ -471,11 +565,10 @@ impl Daemon {
             next_gen: 1,
             outputs: VecDeque::new(),
             flush_queue: VecDeque::new(),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             admin_state: AdminState::Starting,
             capabilities_frames: Vec::new(),
             stats_dirty: false,
-            stats_timer: false,
             served: 0,
             prompt_tokens_total: 0,
             prompt_cached_total: 0,
@@ -519,7 +612,10 @@ impl Daemon {
             Input::BackendFailed { backend, error } => {
                 let name = self.backend_name(backend).to_owned();
                 if self.phase == Phase::Starting {
-                    self.exit(1, format!("backend {name} failed to load: {error}"));
+                    self.exit(ExitReason::BackendFailedToLoad {
+                        backend: name,
+                        error: error.to_string(),
+                    });
                 } else {
                     self.router.set_ready(backend, false);
                 }
@@ -551,9 +647,9 @@ impl Daemon {
             c.writing_since = Some(now);
             c.events_in_flight = std::mem::take(&mut c.events_buffered);
             let bytes = c.next_send();
-            let arm = !c.write_timer && !self.cfg.write_timeout.is_zero();
+            let arm =
+                !self.timers.is_set(TimerKey::WriteStall(id)) && !self.cfg.write_timeout.is_zero();
             if arm {
-                c.write_timer = true;
                 let at = now + self.cfg.write_timeout;
                 self.arm(at, TimerKey::WriteStall(id));
             }
@@ -567,7 +663,7 @@ impl Daemon {
         if self.phase == Phase::Exited {
             return None;
         }
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        self.timers.next()
     }
 
     /// Current counters.
@@ -679,8 +775,6 @@ impl Daemon {
             read_closed: false,
             closing: false,
             partial_since: None,
-            write_timer: false,
-            read_timer: false,
             request: None,
             http: (listener == ListenerKind::Http).then(|| {
                 Box::new(http::HttpConn::new(HttpLimits::with_max_body(self.cfg.max_frame_bytes)))
@@ -816,16 +910,15 @@ impl Daemon {
             let authed = c.authed;
             let line = match c.decoder.next_line() {
                 None => break,
-                Some(Line::TooLarge) => Err(()),
-                Some(Line::Complete(line)) => Ok(if authed {
-                    Ok(wire::decode_request(line))
-                } else {
-                    Err(serde_json::from_slice::<AuthLine>(line).ok())
-                }),
+                Some(Line::TooLarge) => LineIn::TooLarge,
+                Some(Line::Complete(line)) if authed => LineIn::Request(wire::decode_request(line)),
+                Some(Line::Complete(line)) => {
+                    LineIn::Auth(serde_json::from_slice::<AuthLine>(line).ok())
+                }
             };
             match line {
-                Err(()) if !authed => self.reject_auth(id),
-                Err(()) => {
+                LineIn::TooLarge if !authed => self.reject_auth(id),
+                LineIn::TooLarge => {
                     let rec = self.record(Level::Warn, "request_oversized");
                     self.log(rec);
                     let cap = self.cfg.max_frame_bytes;
@@ -837,7 +930,7 @@ impl Daemon {
                     );
                     self.close_after_flush(id);
                 }
-                Ok(Err(auth)) => {
+                LineIn::Auth(auth) => {
                     let key = self.cfg.api_key.as_deref().unwrap_or_default().as_bytes();
                     match auth {
                         Some(a)
@@ -856,14 +949,14 @@ impl Daemon {
                         _ => self.reject_auth(id),
                     }
                 }
-                Ok(Ok(Err(e))) => {
+                LineIn::Request(Err(e)) => {
                     let e = self.bound_error_id(e);
                     self.reject(id, e.id(), ErrorCode::InvalidRequest, e.message());
                     if e.closes_connection() {
                         self.close_after_flush(id);
                     }
                 }
-                Ok(Ok(Ok(req))) => self.on_request(id, req),
+                LineIn::Request(Ok(req)) => self.on_request(id, req),
             }
         }
         // Out of complete lines: ask for more, or finish a half-closed connection.
@@ -889,8 +982,7 @@ impl Daemon {
         if partial {
             if c.partial_since.is_none() {
                 c.partial_since = Some(now);
-                if !read_timeout.is_zero() && !c.read_timer {
-                    c.read_timer = true;
+                if !read_timeout.is_zero() && !self.timers.is_set(TimerKey::ReadIdle(id)) {
                     self.arm(now + read_timeout, TimerKey::ReadIdle(id));
                 }
             }
@@ -944,6 +1036,9 @@ impl Daemon {
     /// Forgets a connection and tells the shell to close it.
     fn finish_conn(&mut self, id: ConnId) {
         let Some(c) = self.conns.remove(&id) else { return };
+        self.timers.stop(TimerKey::WriteStall(id));
+        self.timers.stop(TimerKey::ReadIdle(id));
+        self.timers.stop(TimerKey::AuthDeadline(id));
         if c.kind.serves_requests() {
             self.inference_conns -= 1;
             self.stats_dirty = true;
@@ -953,14 +1048,13 @@ impl Daemon {
         self.outputs.push_back(Output::Close { conn: id });
     }
 
+    /// Queues connection `id` to be flushed if it has output waiting (see
+    /// [`enqueue_flush`], which callers holding the connection use directly).
     fn queue_flush(&mut self, id: ConnId) {
         if let Some(c) = self.conns.get_mut(&id)
-            && !c.in_flush_queue
-            && c.writing_since.is_none()
             && c.has_output()
         {
-            c.in_flush_queue = true;
-            self.flush_queue.push_back(id);
+            enqueue_flush(&mut self.flush_queue, id, c);
         }
     }
 
@@ -978,7 +1072,7 @@ impl Daemon {
     // ---- requests ------------------------------------------------------------------
 
     /// The longest request id echoed: every frame carries it, and frames must stay under
-    /// the cap (spec §1) whatever the id [ours].
+    /// the cap (spec §1) whatever the id \[ours\].
     fn max_id_bytes(&self) -> usize {
         (self.cfg.max_frame_bytes / 4).min(4096)
     }
@@ -1238,10 +1332,7 @@ impl Daemon {
                         }
                     }
                     c.seal_if_full();
-                    if !c.in_flush_queue && c.writing_since.is_none() {
-                        c.in_flush_queue = true;
-                        self.flush_queue.push_back(conn);
-                    }
+                    enqueue_flush(&mut self.flush_queue, conn, c);
                 }
             }
             EngineEvent::Done(done) => self.finish_gen(generation, conn, Ok(done)),
@@ -1446,9 +1537,8 @@ impl Daemon {
                 c.events_buffered += 1;
                 if c.events_buffered + c.events_in_flight > limit {
                     laggards.push(*id);
-                } else if !c.in_flush_queue && c.writing_since.is_none() {
-                    c.in_flush_queue = true;
-                    self.flush_queue.push_back(*id);
+                } else {
+                    enqueue_flush(&mut self.flush_queue, *id, c);
                 }
             }
         }
@@ -1458,8 +1548,8 @@ impl Daemon {
     }
 
     fn arm_stats(&mut self) {
-        if self.stats_dirty && !self.stats_timer && !self.admin_conns.is_empty() {
-            self.stats_timer = true;
+        if self.stats_dirty && !self.timers.is_set(TimerKey::Stats) && !self.admin_conns.is_empty()
+        {
             let at = self.now + self.cfg.stats_interval;
             self.arm(at, TimerKey::Stats);
         }
@@ -1496,16 +1586,12 @@ impl Daemon {
     // ---- timers, shutdown ----------------------------------------------------------
 
     fn arm(&mut self, at: Time, key: TimerKey) {
-        self.timers.push(Reverse((at, key)));
+        self.timers.set(key, at);
     }
 
     fn on_timeout(&mut self) {
         let now = self.now;
-        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(key) = self.timers.pop_due(now) {
             self.fire(key, now);
         }
     }
@@ -1515,7 +1601,6 @@ impl Daemon {
             TimerKey::WriteStall(id) => {
                 let timeout = self.cfg.write_timeout;
                 let Some(c) = self.conns.get_mut(&id) else { return };
-                c.write_timer = false;
                 match c.writing_since {
                     Some(since) if now.saturating_since(since) >= timeout => {
                         // The activity log must not leave `request_done` as the last word
@@ -1530,7 +1615,6 @@ impl Daemon {
                         self.drop_conn(id);
                     }
                     Some(since) => {
-                        c.write_timer = true;
                         self.arm(since + timeout, TimerKey::WriteStall(id));
                     }
                     None => {}
@@ -1546,7 +1630,6 @@ impl Daemon {
             TimerKey::ReadIdle(id) => {
                 let timeout = self.cfg.read_timeout;
                 let Some(c) = self.conns.get_mut(&id) else { return };
-                c.read_timer = false;
                 match c.partial_since {
                     Some(since)
                         if c.request.is_none() && now.saturating_since(since) >= timeout =>
@@ -1555,14 +1638,12 @@ impl Daemon {
                         self.drop_conn(id);
                     }
                     Some(since) => {
-                        c.read_timer = true;
                         self.arm(since + timeout, TimerKey::ReadIdle(id));
                     }
                     None => {}
                 }
             }
             TimerKey::Stats => {
-                self.stats_timer = false;
                 if self.stats_dirty {
                     self.stats_dirty = false;
                     self.publish_stats();
@@ -1570,18 +1651,14 @@ impl Daemon {
             }
             TimerKey::ReadyDeadline => {
                 if self.phase == Phase::Starting {
-                    let waiting: Vec<&str> = self
+                    let waiting: Vec<String> = self
                         .backends
                         .iter()
                         .filter(|b| !b.loaded)
-                        .map(|b| b.name.as_str())
+                        .map(|b| b.name.clone())
                         .collect();
-                    let msg = format!(
-                        "backends not ready after {} s: {}",
-                        self.cfg.ready_timeout.as_secs(),
-                        waiting.join(", ")
-                    );
-                    self.exit(1, msg);
+                    let secs = self.cfg.ready_timeout.as_secs();
+                    self.exit(ExitReason::NotReadyInTime { secs, waiting });
                 }
             }
             TimerKey::DrainDeadline => self.drain_deadline(),
@@ -1687,11 +1764,11 @@ impl Daemon {
             }
         }
         if self.admin_conns.is_empty() || self.admin_flush_expired {
-            self.exit(0, String::new());
+            self.exit(ExitReason::Drained);
         }
     }
 
-    fn exit(&mut self, code: i32, message: String) {
+    fn exit(&mut self, reason: ExitReason) {
         if self.phase == Phase::Exited {
             return;
         }
@@ -1704,7 +1781,7 @@ impl Daemon {
         }
         self.forget_gens();
         self.phase = Phase::Exited;
-        self.outputs.push_back(Output::Exit { code, message });
+        self.outputs.push_back(Output::Exit { reason });
     }
 
     // ---- activity ------------------------------------------------------------------

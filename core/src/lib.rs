@@ -6,8 +6,12 @@
 //! [`daemon::Daemon::poll_timeout`]. The same core runs under smol, tokio, a hand-written
 //! mio loop, and the deterministic simulator.
 //!
-//! The `host` feature adds the OS glue the shells share (lock file, sockets, peer
-//! credentials, the activity log sink); the state machines never use it.
+//! Comments citing "spec §N" refer to the sections of the protocol description,
+//! `docs/protocol.md` at the root of the repository.
+//!
+//! This crate has no IO dependencies at all: the OS glue the shells share (lock file,
+//! sockets, peer credentials, the activity log sink, the driver loop) is the separate
+//! `inferd-host` crate, which depends on this one and never the other way round.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -27,7 +31,5 @@ pub mod time;
 pub mod utf8;
 pub mod wire;
 
-pub use daemon::{ConnId, Daemon, GenId, Input, Output};
+pub use daemon::{ConnId, Daemon, ExitReason, GenId, Input, Output};
 pub use time::Time;
-#[cfg(feature = "host")]
-pub mod host;

@@ -28,9 +28,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use inferd_core::wire::{ErrorCode, Frame, StopReason, Usage};
 pub use serde_json::{Value, json};
@@ -238,28 +237,26 @@ fn clean_command(bin: &Path, tmp: &TempDir) -> Command {
 
 // ---- temporary directories -----------------------------------------------------------
 
-/// A fresh directory under `std::env::temp_dir()`, removed on drop.
+/// A fresh directory under `std::env::temp_dir()`, removed on drop (kept when a test
+/// panics and `INFERD_E2E_KEEP` is set, to look at what it left).
 #[derive(Debug)]
 pub struct TempDir {
     path: PathBuf,
+    guard: Option<tempfile::TempDir>,
 }
 
 impl TempDir {
     /// A new, empty, uniquely named directory (with an empty `home/` inside).
     pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let tag: String =
             tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(16).collect();
-        let path = std::env::temp_dir().join(format!(
-            "inferd-e2e-{tag}-{}-{n}-{:x}",
-            std::process::id(),
-            nanos & 0xffff
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(path.join("home")).expect("create the temp dir");
-        TempDir { path }
+        let guard = tempfile::Builder::new()
+            .prefix(&format!("inferd-e2e-{tag}-"))
+            .tempdir()
+            .expect("create the temp dir");
+        let path = guard.path().to_path_buf();
+        fs::create_dir_all(path.join("home")).expect("create the temp dir's home");
+        TempDir { path, guard: Some(guard) }
     }
 
     /// The directory.
@@ -280,11 +277,12 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if thread::panicking() && std::env::var_os("INFERD_E2E_KEEP").is_some() {
-            eprintln!("keeping {}", self.path.display());
-            return;
+        if thread::panicking()
+            && std::env::var_os("INFERD_E2E_KEEP").is_some()
+            && let Some(guard) = self.guard.take()
+        {
+            eprintln!("keeping {}", guard.keep().display());
         }
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 

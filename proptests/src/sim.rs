@@ -1330,7 +1330,12 @@ impl Sim {
                 assert!(!self.stop_accepting, "StopAccepting twice");
                 self.stop_accepting = true;
             }
-            Output::Exit { code, message } => {
+            Output::Exit { reason } => {
+                // As the shells report it: status 0 and no text when orderly, else 1.
+                let (code, message) = match reason.is_orderly() {
+                    true => (0, String::new()),
+                    false => (1, reason.to_string()),
+                };
                 self.trace.push(self.now, Dir::Out, "Exit", format!("code={code} {message:?}"));
                 if self.shutdown_at.is_some() {
                     assert_eq!(code, 0, "exit after a shutdown must be 0: {message}");

@@ -10,15 +10,19 @@ use clap::Args;
 use inferd_core::activity::{Level, Record};
 use inferd_core::config::{BackendSpec, ConfigError, DaemonConfig, Settings};
 use inferd_core::engine::Engine;
-use inferd_core::host::driver::ServeSetup;
-use inferd_core::host::lock::InstanceLock;
-use inferd_core::host::logfile::ActivityLogFile;
-use inferd_core::host::{fdlimit, paths, socket, time};
+#[cfg(feature = "llama")]
 use inferd_engine_llama::{LlamaConfig, LlamaEngine};
 use inferd_engine_mock::{MockConfig, MockEngine};
+use inferd_host::driver::ServeSetup;
+use inferd_host::lock::InstanceLock;
+use inferd_host::logfile::ActivityLogFile;
+use inferd_host::{fdlimit, paths, socket, time};
 use serde_json::Value;
 
 /// The flags of `serve`, each also settable by an `INFERD_*` variable (a flag wins).
+// clap turns these doc comments into `--help` text, where `<runtime-dir>` is a
+// placeholder, not an HTML tag.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Args, Debug, Clone, Default)]
 pub struct ServeArgs {
     /// Config file (JSON). Missing is fine at the default path, an error elsewhere.
@@ -121,23 +125,45 @@ pub struct ServeArgs {
     pub mock_load_ms: Option<u64>,
 }
 
-/// Why `serve` cannot start.
-#[derive(Debug)]
+/// Why `serve` cannot start: what to tell the operator, and which kind of failure it is
+/// (the shells map the kind to an exit status).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct StartError {
     /// What to tell the operator.
     pub message: String,
-    /// The exit status: 2 for configuration mistakes, 1 for everything else.
-    pub code: i32,
+    /// Whose mistake it is.
+    pub kind: StartErrorKind,
+}
+
+/// The two kinds of start-up failure, which a shell tells apart in its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartErrorKind {
+    /// A configuration or usage mistake: fixing the flags or the config file helps.
+    Usage,
+    /// Anything else: the lock is held, a file cannot be created, a model fails to load.
+    Failed,
+}
+
+impl StartErrorKind {
+    /// The exit status the `serve` commands use for it: 2 for a usage mistake, as for
+    /// bad flags, and 1 for any other failure.
+    pub fn exit_status(self) -> u8 {
+        match self {
+            StartErrorKind::Usage => 2,
+            StartErrorKind::Failed => 1,
+        }
+    }
 }
 
 impl StartError {
-    /// A configuration mistake (exit status 2).
+    /// A configuration mistake.
     pub fn usage(message: impl Into<String>) -> Self {
-        StartError { message: message.into(), code: 2 }
+        StartError { message: message.into(), kind: StartErrorKind::Usage }
     }
-    /// Any other start-up failure (exit status 1).
+    /// Any other start-up failure.
     pub fn fail(message: impl Into<String>) -> Self {
-        StartError { message: message.into(), code: 1 }
+        StartError { message: message.into(), kind: StartErrorKind::Failed }
     }
 }
 
@@ -224,11 +250,16 @@ pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
                 .map_err(|e| format!("backend {spec}: {e}"))?;
             Ok(Arc::new(MockEngine::new(cfg)))
         }
+        #[cfg(feature = "llama")]
         "llamacpp" => {
             let cfg = LlamaConfig::from_options(&spec.options)
                 .map_err(|e| format!("backend {spec}: {e}"))?;
             Ok(Arc::new(LlamaEngine::new(cfg)))
         }
+        #[cfg(not(feature = "llama"))]
+        "llamacpp" => Err(format!(
+            "backend {spec}: this build has no llama.cpp support (feature `llama` is off)"
+        )),
         other => Err(format!("backend {spec}: unknown kind {other:?}")),
     }
 }
@@ -277,9 +308,9 @@ impl Paths {
             v.as_ref().map(PathBuf::from).unwrap_or_else(|| runtime_dir.join(leaf))
         };
         Paths {
-            lock: under(&s.lock, "inferd.lock"),
-            infer: under(&s.uds, "infer.sock"),
-            admin: under(&s.admin_addr, "admin.sock"),
+            lock: under(&s.lock, paths::LOCK_FILE),
+            infer: under(&s.uds, paths::INFER_SOCKET),
+            admin: under(&s.admin_addr, paths::ADMIN_SOCKET),
             log_dir: s.log_dir.as_ref().map(PathBuf::from).or_else(paths::default_log_dir),
             runtime_dir,
         }

@@ -8,11 +8,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use inferd_core::host::paths;
 use inferd_core::wire::Frame;
+use inferd_host::paths;
 use serde_json::{Value, json};
 
 /// Where the daemon's sockets are.
+// clap turns these doc comments into `--help` text, where `<runtime-dir>` is a
+// placeholder, not an HTML tag.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Runtime directory the daemon uses [default: the spec's chain].
@@ -31,10 +34,10 @@ impl ClientArgs {
         self.runtime_dir.clone().unwrap_or_else(paths::runtime_dir)
     }
     fn infer(&self) -> PathBuf {
-        self.uds.clone().unwrap_or_else(|| self.dir().join("infer.sock"))
+        self.uds.clone().unwrap_or_else(|| self.dir().join(paths::INFER_SOCKET))
     }
     fn admin(&self) -> PathBuf {
-        self.admin_addr.clone().unwrap_or_else(|| self.dir().join("admin.sock"))
+        self.admin_addr.clone().unwrap_or_else(|| self.dir().join(paths::ADMIN_SOCKET))
     }
 }
 

@@ -1,13 +1,13 @@
 //! inferd on smol: the [`Runtime`] implementation that drives the shared driver loop
-//! with smol and async-io. Everything else (the daemon, the driver, the sockets, the OS
-//! glue) lives in `inferd-core`; this crate is the runtime glue, the `inferd` binary and
+//! with smol and async-io. Everything else lives in `inferd-core` (the daemon) and
+//! `inferd-host` (the driver, the sockets, the OS glue); this crate is the runtime glue, the `inferd` binary and
 //! its client.
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use inferd_core::host::driver::{BorrowedFuture, BoxFuture, Readiness, Runtime};
+use inferd_host::driver::{BorrowedFuture, Readiness, Runtime, Timer};
 use smol::Async;
 
 pub mod client;
@@ -25,14 +25,27 @@ impl SmolRuntime {
 }
 
 impl Runtime for SmolRuntime {
-    fn sleep(&self, d: Duration) -> BoxFuture {
-        Box::pin(async move {
-            smol::Timer::after(d).await;
-        })
+    fn timer(&self) -> Box<dyn Timer> {
+        Box::new(SmolTimer(smol::Timer::never()))
     }
 
     fn readiness(&self, fd: OwnedFd) -> io::Result<Box<dyn Readiness>> {
         Ok(Box::new(SmolReadiness(Async::new(fd)?)))
+    }
+}
+
+/// async-io's timer, re-armed in place (`set_after`).
+struct SmolTimer(smol::Timer);
+
+impl Timer for SmolTimer {
+    fn reset(&mut self, after: Duration) {
+        self.0.set_after(after);
+    }
+
+    fn wait(&mut self) -> BorrowedFuture<'_, ()> {
+        Box::pin(async move {
+            (&mut self.0).await;
+        })
     }
 }
 

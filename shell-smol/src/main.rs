@@ -6,7 +6,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use inferd::SmolRuntime;
 use inferd::client::{self, ClientArgs, GenerateArgs, StatusArgs};
-use inferd_core::host::driver::{Driver, Event};
+use inferd_host::driver::{Driver, Event};
+use inferd_host::signals::{
+    Caught, SECOND_SIGNAL_EXIT_STATUS, SignalAction, SignalPolicy, startup_banner,
+};
 use inferd_serve::ServeArgs;
 
 /// A local LLM inference daemon: one warm model, served over a Unix socket in NDJSON.
@@ -62,18 +65,16 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let prepared = match inferd_serve::prepare(args) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("inferd: {}", e.message);
-            return ExitCode::from(e.code as u8);
+            eprintln!("inferd: {e}");
+            return ExitCode::from(e.kind.exit_status());
         }
     };
     let ex = Arc::new(smol::Executor::new());
     let driver = Driver::new(SmolRuntime::new(), prepared.setup);
     let events = driver.handle().events();
     use async_signal::Signal;
-    // SIGHUP drains like SIGTERM: the terminal or session the daemon ran in is gone, and
-    // its default action would kill the daemon with the sockets left behind.
-    // SIGXFSZ is caught and passed over: a log write past the file size limit then
-    // fails with EFBIG (reported and counted) instead of killing the daemon.
+    // The policy (host::signals::SignalPolicy) is shared with the tokio shell; this only
+    // names the signals in async-signal's terms.
     let signals =
         match async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup, Signal::Xfsz]) {
             Ok(s) => s,
@@ -85,37 +86,33 @@ fn serve(args: &ServeArgs) -> ExitCode {
     ex.spawn(async move {
         use futures_lite::StreamExt;
         let mut signals = signals;
-        let mut seen = 0;
+        let mut policy = SignalPolicy::default();
         while let Some(Ok(signal)) = signals.next().await {
-            if signal == Signal::Xfsz {
-                continue;
-            }
-            seen += 1;
-            if seen == 1 {
-                if signal == Signal::Hup {
-                    // The terminal that hung up may be stderr: a failed write must
-                    // not panic (eprintln! would) in the middle of the drain.
-                    use std::io::Write;
-                    let _ = writeln!(std::io::stderr(), "inferd: SIGHUP: draining as for SIGTERM");
+            let caught = match signal {
+                Signal::Xfsz => Caught::FileSizeLimit,
+                Signal::Hup => Caught::HangUp,
+                Signal::Int => Caught::Interrupt,
+                _ => Caught::Terminate,
+            };
+            match policy.on_signal(caught) {
+                SignalAction::Ignore => {}
+                SignalAction::Drain => {
+                    let _ = events.send(Event::Shutdown).await;
                 }
-                let _ = events.send(Event::Shutdown).await;
-            } else {
-                // A second signal: the operator wants out now.
-                eprintln!("inferd: second signal, exiting without draining");
-                std::process::exit(130);
+                SignalAction::ExitNow => std::process::exit(SECOND_SIGNAL_EXIT_STATUS),
             }
         }
     })
     .detach();
-    eprintln!(
-        "inferd: admin socket {}; inference socket {} once ready",
-        prepared.paths.admin.display(),
-        prepared.paths.infer.display()
-    );
-    let (code, message) = smol::block_on(ex.run(driver.run()));
+    eprintln!("{}", startup_banner(&prepared.paths.admin, &prepared.paths.infer));
+    let result = smol::block_on(ex.run(driver.run()));
     drop(prepared.lock);
-    if !message.is_empty() {
-        eprintln!("inferd: {message}");
+    // 0 after an orderly drain, 1 when serving failed.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inferd: {e}");
+            ExitCode::from(1)
+        }
     }
-    ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -15,13 +15,12 @@ use inferd_tokio::EmbedConfig;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args().nth(1).unwrap_or_else(|| "/tmp/inferd-embed".into());
     let engines: Vec<Arc<dyn Engine>> = vec![Arc::new(MockEngine::new(MockConfig::default()))];
-    let daemon =
-        EmbedConfig::new(dir, DaemonConfig::default(), engines).start().map_err(|e| e.message)?;
+    let daemon = EmbedConfig::new(dir, DaemonConfig::default(), engines).start()?;
     println!("inference socket: {}", daemon.infer_socket().display());
     tokio::signal::ctrl_c().await?;
     println!("served {} requests; draining", daemon.stats().served);
     daemon.shutdown();
-    let (code, why) = daemon.wait().await;
-    println!("daemon exited with {code} {why}");
+    daemon.wait().await?; // Ok after an orderly drain
+    println!("daemon drained and stopped");
     Ok(())
 }

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use inferd_core::config::{DaemonConfig, default_name};
 use inferd_core::daemon::Stats;
 use inferd_core::engine::Engine;
-use inferd_core::host::driver::{Driver, DriverHandle, ServeSetup};
-use inferd_core::host::{signals, socket};
+use inferd_host::driver::{Driver, DriverHandle, ServeError, ServeSetup};
+use inferd_host::signals::{
+    self, Caught, SECOND_SIGNAL_EXIT_STATUS, SignalAction, SignalPolicy, startup_banner,
+};
+use inferd_host::{paths, socket};
 use inferd_serve::{Paths, Prepared, ServeArgs, StartError};
 use tokio::task::JoinHandle;
 
@@ -21,7 +24,7 @@ use crate::{AbortOnDrop, TokioRuntime};
 ///
 /// # Panics
 /// Outside a tokio runtime (IO and time drivers enabled).
-pub fn start(setup: ServeSetup) -> (DriverHandle, JoinHandle<(i32, String)>) {
+pub fn start(setup: ServeSetup) -> (DriverHandle, JoinHandle<Result<(), ServeError>>) {
     let driver = Driver::new(TokioRuntime::current(), setup);
     let handle = driver.handle();
     (handle, tokio::spawn(driver.run()))
@@ -50,7 +53,7 @@ pub fn start_prepared(prepared: Prepared) -> Embedded {
 #[derive(Debug)]
 pub struct Embedded {
     handle: DriverHandle,
-    task: JoinHandle<(i32, String)>,
+    task: JoinHandle<Result<(), ServeError>>,
     paths: Paths,
 }
 
@@ -80,9 +83,11 @@ impl Embedded {
         &self.paths.infer
     }
 
-    /// Waits for the daemon to exit: its status (0 after an orderly drain) and the reason.
-    pub async fn wait(self) -> (i32, String) {
-        self.task.await.unwrap_or_else(|e| (1, format!("the daemon task failed: {e}")))
+    /// Waits for the daemon to exit: `Ok` after an orderly drain, else why it ended.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(ServeError::Host(format!("the daemon task failed: {e}"))))
     }
 }
 
@@ -146,9 +151,9 @@ impl EmbedConfig {
     pub fn paths(&self) -> Paths {
         let dir = &self.runtime_dir;
         Paths {
-            lock: dir.join("inferd.lock"),
-            infer: dir.join("infer.sock"),
-            admin: dir.join("admin.sock"),
+            lock: dir.join(paths::LOCK_FILE),
+            infer: dir.join(paths::INFER_SOCKET),
+            admin: dir.join(paths::ADMIN_SOCKET),
             log_dir: self.log_dir.clone(),
             runtime_dir: dir.clone(),
         }
@@ -204,41 +209,27 @@ pub fn shutdown_on_signals(handle: &DriverHandle) -> io::Result<SignalGuard> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // SIGHUP drains like SIGTERM: the terminal or session the daemon ran in is gone, and
-    // its default action would kill the daemon with the sockets left behind.
+    // The policy (what each signal means) is host::signals::SignalPolicy, shared with
+    // the smol shell; this only subscribes to the signals in tokio's terms.
     let mut hup = signal(SignalKind::hangup())?;
-    // Caught and passed over: a log write past the file size limit then fails with
-    // EFBIG (reported and counted) instead of killing the process.
     let mut xfsz = signal(SignalKind::from_raw(signals::SIGXFSZ))?;
     let handle = handle.clone();
     let task = tokio::spawn(async move {
-        let mut seen = 0;
+        let mut policy = SignalPolicy::default();
         loop {
-            let (got, hangup) = tokio::select! {
-                s = term.recv() => (s, false),
-                s = int.recv() => (s, false),
-                s = hup.recv() => (s, true),
-                s = xfsz.recv() => match s {
-                    Some(()) => continue,
-                    None => return,
-                },
+            let (got, caught) = tokio::select! {
+                s = term.recv() => (s, Caught::Terminate),
+                s = int.recv() => (s, Caught::Interrupt),
+                s = hup.recv() => (s, Caught::HangUp),
+                s = xfsz.recv() => (s, Caught::FileSizeLimit),
             };
             if got.is_none() {
                 return;
             }
-            seen += 1;
-            if seen == 1 {
-                if hangup {
-                    // The terminal that hung up may be stderr: a failed write must
-                    // not panic (eprintln! would) in the middle of the drain.
-                    use std::io::Write;
-                    let _ = writeln!(std::io::stderr(), "inferd: SIGHUP: draining as for SIGTERM");
-                }
-                handle.shutdown();
-            } else {
-                // A second signal: the operator wants out now.
-                eprintln!("inferd: second signal, exiting without draining");
-                std::process::exit(130);
+            match policy.on_signal(caught) {
+                SignalAction::Ignore => {}
+                SignalAction::Drain => handle.shutdown(),
+                SignalAction::ExitNow => std::process::exit(SECOND_SIGNAL_EXIT_STATUS),
             }
         }
     });
@@ -251,18 +242,14 @@ pub fn shutdown_on_signals(handle: &DriverHandle) -> io::Result<SignalGuard> {
 ///
 /// # Panics
 /// Outside a tokio runtime (IO, time and signal drivers enabled).
-pub async fn serve(args: &ServeArgs) -> Result<(i32, String), StartError> {
+pub async fn serve(args: &ServeArgs) -> Result<Result<(), ServeError>, StartError> {
     let Prepared { setup, lock, paths } = inferd_serve::prepare(args)?;
     let driver = Driver::new(TokioRuntime::current(), setup);
     let signals = shutdown_on_signals(&driver.handle()).map_err(|e| {
         let _ = socket::remove_socket_file(&paths.admin);
-        StartError { message: format!("cannot install signal handlers: {e}"), code: 1 }
+        StartError::fail(format!("cannot install signal handlers: {e}"))
     })?;
-    eprintln!(
-        "inferd: admin socket {}; inference socket {} once ready",
-        paths.admin.display(),
-        paths.infer.display()
-    );
+    eprintln!("{}", startup_banner(&paths.admin, &paths.infer));
     let result = driver.run().await;
     drop(signals);
     drop(lock);

@@ -1,8 +1,8 @@
 //! inferd on tokio: the [`Runtime`] implementation that drives the shared driver loop
 //! with tokio, and an API to run the daemon inside a program that already runs tokio.
 //!
-//! Everything else (the daemon, the driver, the OS glue) lives in `inferd-core`; the
-//! command line and the start-up steps live in `inferd-serve`. See [`EmbedConfig`] to
+//! Everything else lives in `inferd-core` (the daemon) and `inferd-host` (the driver, the
+//! OS glue); the command line and the start-up steps live in `inferd-serve`. See [`EmbedConfig`] to
 //! start a daemon with your own engines, [`serve`] to run `inferd-tokio serve` as a call.
 //!
 //! The driver future is `Send`, so it runs on a multi-thread runtime as well as on a
@@ -14,9 +14,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::time::Duration;
 
-use inferd_core::host::driver::{BorrowedFuture, BoxFuture, Readiness, Runtime};
+use inferd_host::driver::{BorrowedFuture, Readiness, Runtime, Timer};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Handle;
@@ -27,8 +28,8 @@ mod embed;
 pub use embed::{
     EmbedConfig, Embedded, SignalGuard, serve, shutdown_on_signals, start, start_prepared,
 };
-pub use inferd_core::host::driver::{DriverHandle, ServeSetup};
-pub use inferd_serve::{Paths, Prepared, ServeArgs, StartError};
+pub use inferd_host::driver::{DriverHandle, ServeError, ServeSetup};
+pub use inferd_serve::{Paths, Prepared, ServeArgs, StartError, StartErrorKind};
 
 /// The tokio runtime: timers and the driver's epoll descriptor are registered with the
 /// runtime behind a [`Handle`].
@@ -63,10 +64,11 @@ impl Drop for AbortOnDrop {
 }
 
 impl Runtime for TokioRuntime {
-    fn sleep(&self, d: Duration) -> BoxFuture {
-        // A tokio timer binds to the runtime it is created in.
+    fn timer(&self) -> Box<dyn Timer> {
+        // A tokio timer binds to the runtime it is created in. Not armed until reset;
+        // the driver never waits on it before.
         let _in = self.handle.enter();
-        Box::pin(tokio::time::sleep(d))
+        Box::new(TokioTimer(Box::pin(tokio::time::sleep(Duration::ZERO))))
     }
 
     fn readiness(&self, fd: OwnedFd) -> io::Result<Box<dyn Readiness>> {
@@ -78,6 +80,19 @@ impl Runtime for TokioRuntime {
         #[allow(deprecated)]
         let fd = AsyncFd::with_interest(EpollFd(fd), Interest::READABLE)?;
         Ok(Box::new(TokioReadiness(fd)))
+    }
+}
+
+/// tokio's sleep, re-armed in place (`Sleep::reset`).
+struct TokioTimer(Pin<Box<tokio::time::Sleep>>);
+
+impl Timer for TokioTimer {
+    fn reset(&mut self, after: Duration) {
+        self.0.as_mut().reset(tokio::time::Instant::now() + after);
+    }
+
+    fn wait(&mut self) -> BorrowedFuture<'_, ()> {
+        Box::pin(self.0.as_mut())
     }
 }
 

@@ -44,12 +44,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (code, message) = match rt.block_on(inferd_tokio::serve(&args)) {
-        Ok(done) => done,
-        Err(e) => (e.code, e.message),
-    };
-    if !message.is_empty() {
-        eprintln!("inferd: {message}");
+    // The exit statuses: 0 after an orderly drain, 1 when serving failed, and the start
+    // error's own (2 for a usage mistake).
+    match rt.block_on(inferd_tokio::serve(&args)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("inferd: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("inferd: {e}");
+            ExitCode::from(e.kind.exit_status())
+        }
     }
-    ExitCode::from(code.clamp(0, 255) as u8)
 }

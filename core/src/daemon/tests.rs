@@ -107,7 +107,11 @@ impl H {
                     }
                     Output::BindInference => self.bound += 1,
                     Output::StopAccepting => self.stop_accepting = true,
-                    Output::Exit { code, message } => self.exit = Some((code, message)),
+                    // Kept as (status, text) as the shells report it, 0 and "" when orderly.
+                    Output::Exit { reason } if reason.is_orderly() => {
+                        self.exit = Some((0, String::new()))
+                    }
+                    Output::Exit { reason } => self.exit = Some((1, reason.to_string())),
                 }
             }
             if flushed.is_empty() {

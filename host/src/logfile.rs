@@ -351,7 +351,7 @@ fn open_log(path: &Path) -> Result<(File, u64), LogFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     #[test]
     fn policy_rotates_only_when_the_write_would_overflow() {

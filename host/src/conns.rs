@@ -26,9 +26,9 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
-use crate::daemon::{ConnId, ListenerKind, Peer, Transport};
-use crate::host::driver::Event;
-use crate::time::Time;
+use crate::event::Event;
+use inferd_core::daemon::{ConnId, ListenerKind, Peer, Transport};
+use inferd_core::time::Time;
 
 /// Readiness events taken from the kernel per `epoll_wait`.
 const EPOLL_BATCH: usize = 256;
@@ -102,7 +102,7 @@ fn open_spare() -> Option<OwnedFd> {
 
 /// The peer of a Unix connection, from SO_PEERCRED.
 fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> Peer {
-    let creds = crate::host::peer::peer_credentials(fd);
+    let creds = crate::peer::peer_credentials(fd);
     Peer {
         transport: Transport::Unix,
         addr: "unix".into(),
@@ -486,7 +486,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::testutil::TempDir;
+    use crate::testutil::TempDir;
     use std::io::{Read, Write};
     use std::net::Shutdown;
     use std::os::unix::net::UnixStream;

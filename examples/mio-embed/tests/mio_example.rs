@@ -1,9 +1,5 @@
-//! Runs `examples/mio_embed.rs`: one request over its socket must get the echo and a
-//! `done` frame, and `--exit-after-requests 1` must make it drain and exit 0.
-//!
-//! `cargo test` builds the examples next to the test binaries, so the example is run
-//! from there; when it is missing (a `cargo test --test mio_example` that skipped
-//! examples) it goes through `cargo run`, which builds it first.
+//! Runs the `mio_embed` binary (`src/main.rs`): one request over its socket must get the
+//! echo and a `done` frame, and `--exit-after-requests 1` must make it drain and exit 0.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -21,39 +17,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The built example next to this test binary (`target/<profile>/examples/`) when it
-/// is at least as new as the core library and its own source, else `cargo run`.
-fn example_command() -> Command {
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mio_embed.rs");
-    let deps = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.to_path_buf()));
-    // The newest build of the core library: an example older than it is stale.
-    let newest_lib = deps.as_deref().and_then(|d| {
-        std::fs::read_dir(d)
-            .ok()?
-            .flatten()
-            .filter(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with("libinferd_core-") && name.ends_with(".rlib")
-            })
-            .filter_map(|e| mtime(&e.path()))
-            .max()
-    });
-    let built = deps
-        .as_deref()
-        .and_then(|d| Some(d.parent()?.join("examples").join("mio_embed")))
-        .filter(|p| mtime(p).is_some_and(|m| Some(m) >= newest_lib.max(mtime(&source))));
-    match built {
-        Some(path) => Command::new(path),
-        None => {
-            let mut c = Command::new(env!("CARGO"));
-            c.current_dir(env!("CARGO_MANIFEST_DIR"));
-            c.args(["run", "--quiet", "-p", "inferd-core", "--example", "mio_embed", "--"]);
-            c
-        }
-    }
-}
-
 #[test]
 fn mio_example_serves_one_request_and_exits() {
     let dir = std::env::temp_dir().join(format!("inferd-mio-example-{}", std::process::id()));
@@ -63,7 +26,7 @@ fn mio_example_serves_one_request_and_exits() {
     let stderr = std::fs::File::create(dir.join("stderr")).unwrap();
     let log = || std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
 
-    let child = example_command()
+    let child = Command::new(env!("CARGO_BIN_EXE_mio_embed"))
         .arg("--socket")
         .arg(&socket)
         .args(["--exit-after-requests", "1"])
@@ -71,10 +34,10 @@ fn mio_example_serves_one_request_and_exits() {
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
-        .expect("cannot run cargo");
+        .expect("cannot run the mio_embed binary");
     let mut child = KillOnDrop(child);
 
-    // The first run may have to build the example.
+    // The binary is built before the test runs; this only bounds its start-up.
     let deadline = Instant::now() + Duration::from_secs(300);
     while !Path::new(&socket).exists() {
         if let Some(status) = child.0.try_wait().unwrap() {

@@ -10,9 +10,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use async_channel::Sender;
 
-use crate::daemon::GenId;
-use crate::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
-use crate::host::driver::Event;
+use crate::event::Event;
+use inferd_core::daemon::GenId;
+use inferd_core::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
 
 struct Job {
     generation: GenId,
@@ -182,7 +182,7 @@ fn run_job(job: Job, events: &Sender<Event>) {
 
 /// The terminal event of a generation; a panic becomes an internal failure.
 fn finish_event(
-    result: std::thread::Result<Result<crate::engine::Completion, EngineError>>,
+    result: std::thread::Result<Result<inferd_core::engine::Completion, EngineError>>,
 ) -> EngineEvent {
     match result.unwrap_or_else(|_| Err(EngineError::internal("engine panicked"))) {
         Ok(done) => EngineEvent::Done(done),

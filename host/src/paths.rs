@@ -189,7 +189,7 @@ fn nofollow_directory_flags() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     fn mode_of(path: &Path) -> u32 {
         std::fs::symlink_metadata(path).unwrap().mode() & 0o7777

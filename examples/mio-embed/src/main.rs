@@ -6,7 +6,7 @@
 //! everything `Daemon::poll_output` asks for, and sleep until `Daemon::poll_timeout`.
 //!
 //! ```text
-//! cargo run -p inferd-core --example mio_embed -- --socket /tmp/mio.sock [--exit-after-requests N]
+//! cargo run -p inferd-example-mio -- --socket /tmp/mio.sock [--exit-after-requests N]
 //! printf '{"id":"1","messages":[{"role":"user","content":"hello"}]}\n' | nc -U /tmp/mio.sock
 //! ```
 //!
@@ -124,11 +124,10 @@ impl Host {
                         let _ = std::fs::remove_file(&self.socket);
                     }
                 }
-                Output::Exit { code, message } => {
-                    if !message.is_empty() {
-                        eprintln!("mio_embed: {message}");
-                    }
-                    return Ok(Some(code));
+                Output::Exit { reason } if reason.is_orderly() => return Ok(Some(0)),
+                Output::Exit { reason } => {
+                    eprintln!("mio_embed: {reason}");
+                    return Ok(Some(1));
                 }
             }
         }

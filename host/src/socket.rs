@@ -305,7 +305,7 @@ pub fn bind_tcp_loopback(addr: &str) -> Result<TcpListener, SocketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::testutil::TempDir;
+    use crate::testutil::TempDir;
     use std::io::{Read, Write};
 
     fn mode_of(path: &Path) -> u32 {

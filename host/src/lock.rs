@@ -142,7 +142,7 @@ fn read_pid(file: &mut File) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::testutil::TempDir;
+    use crate::testutil::TempDir;
     use std::os::unix::fs::MetadataExt;
 
     #[test]
