@@ -6,8 +6,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ both_shells!(
     stream_cut_mid_event_is_counted,
     garbage_events_are_counted,
     slow_head_times_out,
+    client_leaving_closes_the_upstream_request,
     llama_server_upstream,
 );
 
@@ -144,13 +145,16 @@ fn relays_a_real_model_falls_back_and_returns(shell: Shell) {
 // ---- a scripted upstream ------------------------------------------------------------
 
 /// What the scripted server does with the first request; later ones get a good stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Script {
     Status(u16, Option<u64>),
     Stall,
     CutMidEvent,
     Garbage,
     SlowHead,
+    /// A stream that never ends: an event every 20 ms until a write fails, then a
+    /// message on the channel.
+    Endless(mpsc::Sender<()>),
 }
 
 const GOOD_TEXT: &str = "Hello from upstream";
@@ -239,6 +243,14 @@ fn serve(stream: TcpStream, script: Script, first: bool) {
             let _ = s.write_all(b"data: this is not json\n\n");
         }
         Script::SlowHead => hold(s),
+        Script::Endless(closed) => {
+            let _ = s.write_all(STREAM_HEAD.as_bytes());
+            let event = b"data: {\"choices\":[{\"delta\":{\"content\":\" more\"}}]}\n\n";
+            while s.write_all(event).and_then(|()| s.flush()).is_ok() {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = closed.send(());
+        }
     }
 }
 
@@ -252,6 +264,7 @@ fn scripted(script: Script) -> (String, Arc<AtomicUsize>) {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { return };
             let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+            let script = script.clone();
             thread::spawn(move || serve(conn, script, first));
         }
     });
@@ -271,7 +284,7 @@ fn scripted_case(shell: Shell, script: Script) -> (Reply, Reply, Daemon) {
 }
 
 fn assert_counted(shell: Shell, script: Script) -> Daemon {
-    let (first, second, b) = scripted_case(shell, script);
+    let (first, second, b) = scripted_case(shell, script.clone());
     assert_eq!(first.error(), ErrorCode::BackendUnavailable, "{script:?}: {:?}", first.terminal);
     assert_eq!(served_by(&second), Some("fallback"), "{script:?}: the breaker counted it");
     b
@@ -333,6 +346,27 @@ fn garbage_events_are_counted(shell: Shell) {
 
 fn slow_head_times_out(shell: Shell) {
     assert_counted(shell, Script::SlowHead);
+}
+
+/// A client that goes away mid-stream: the relay stops reading and closes the
+/// upstream connection (the endless upstream sees its writes fail), and the place is
+/// free for the next request.
+fn client_leaving_closes_the_upstream_request(shell: Shell) {
+    let (tx, closed) = mpsc::channel();
+    let (url, _) = scripted(Script::Endless(tx));
+    let b = relay_daemon(shell, &url, 5, 3, 60).config("active_permits", json!(1)).start();
+    let mut c = b.connect();
+    c.send(&req_with("endless", "go", json!({"max_tokens": 100000})));
+    match c.next_frame() {
+        Ok(Frame::Token { content, .. }) => assert_eq!(content, " more"),
+        other => panic!("expected a token, got {other:?}"),
+    }
+    drop(c);
+    closed.recv_timeout(READ_TIMEOUT).expect("the upstream connection was closed");
+    // The one permit is free again: the next request is served (by the upstream's
+    // second, good answer).
+    let r = ask(&b, "next");
+    assert_eq!(r.done().0, GOOD_TEXT);
 }
 
 /// Opt-in: `INFERD_LLAMA_SERVER_URL=http://127.0.0.1:8080` pointing at a running
