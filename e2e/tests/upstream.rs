@@ -19,6 +19,7 @@ both_shells!(
     status_400_is_the_clients_fault,
     status_401_is_counted_and_told_to_the_operator,
     status_500_is_counted,
+    redirect_is_not_followed,
     stalled_stream_times_out,
     stream_cut_mid_event_is_counted,
     garbage_events_are_counted,
@@ -152,6 +153,8 @@ enum Script {
     CutMidEvent,
     Garbage,
     SlowHead,
+    /// A 303 (which clients follow with a GET) to this base URL.
+    Redirect(String),
     /// A stream that never ends: an event every 20 ms until a write fails, then a
     /// message on the channel.
     Endless(mpsc::Sender<()>),
@@ -243,6 +246,12 @@ fn serve(stream: TcpStream, script: Script, first: bool) {
             let _ = s.write_all(b"data: this is not json\n\n");
         }
         Script::SlowHead => hold(s),
+        Script::Redirect(to) => {
+            let _ = write!(
+                s,
+                "HTTP/1.1 303 See Other\r\nLocation: {to}/v1/chat/completions\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
         Script::Endless(closed) => {
             let _ = s.write_all(STREAM_HEAD.as_bytes());
             let event = b"data: {\"choices\":[{\"delta\":{\"content\":\" more\"}}]}\n\n";
@@ -326,6 +335,14 @@ fn status_401_is_counted_and_told_to_the_operator(shell: Shell) {
 
 fn status_500_is_counted(shell: Shell) {
     assert_counted(shell, Script::Status(500, None));
+}
+
+/// A redirect is a misconfigured `base_url`: counted, and not followed (the key is
+/// not carried to wherever it points).
+fn redirect_is_not_followed(shell: Shell) {
+    let (elsewhere, reached) = scripted(Script::Status(500, None));
+    assert_counted(shell, Script::Redirect(elsewhere));
+    assert_eq!(reached.load(Ordering::SeqCst), 0, "the redirect was followed");
 }
 
 fn stalled_stream_times_out(shell: Shell) {

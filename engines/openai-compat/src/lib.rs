@@ -359,6 +359,9 @@ impl OpenAiEngine {
         let t = Some(config.timeout);
         let agent_config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A redirect of a POST to an API is a misconfigured base_url: report its
+            // status (counted) instead of following it somewhere the key was not meant for.
+            .max_redirects(0)
             .timeout_connect(t)
             .timeout_recv_response(t)
             .timeout_per_read(t)
