@@ -25,6 +25,7 @@ both_shells!(
     garbage_events_are_counted,
     slow_head_times_out,
     client_leaving_closes_the_upstream_request,
+    a_stalled_request_does_not_hold_up_another,
     llama_server_upstream,
 );
 
@@ -384,6 +385,25 @@ fn client_leaving_closes_the_upstream_request(shell: Shell) {
     // second, good answer).
     let r = ask(&b, "next");
     assert_eq!(r.done().0, GOOD_TEXT);
+}
+
+/// Two upstream requests run at once (`max_concurrency` 2): while the first one's
+/// upstream stalls, inside its 15 s chunk timeout, the second is served in full.
+fn a_stalled_request_does_not_hold_up_another(shell: Shell) {
+    let (url, _) = scripted(Script::Stall);
+    let b = relay_daemon(shell, &url, 15, 3, 60).start();
+    let mut c = b.connect();
+    c.send(&req_with("stalled", "go", json!({})));
+    match c.next_frame() {
+        Ok(Frame::Token { content, .. }) => assert_eq!(content, "Hel"),
+        other => panic!("expected a token, got {other:?}"),
+    }
+    let started = Instant::now();
+    let r = ask(&b, "other");
+    assert_eq!(served_by(&r), Some("upstream"), "{:?}", r.terminal);
+    assert_eq!(r.done().0, GOOD_TEXT);
+    // Had it waited for the stalled one, it would have taken the whole timeout.
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
 }
 
 /// Opt-in: `INFERD_LLAMA_SERVER_URL=http://127.0.0.1:8080` pointing at a running
