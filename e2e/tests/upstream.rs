@@ -154,6 +154,8 @@ enum Script {
     CutMidEvent,
     Garbage,
     SlowHead,
+    /// This status for every request, not only the first.
+    Always(u16),
     /// A 303 (which clients follow with a GET) to this base URL.
     Redirect(String),
     /// A stream that never ends: an event every 20 ms until a write fails, then a
@@ -216,12 +218,17 @@ fn serve(stream: TcpStream, script: Script, first: bool) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut s = stream;
     let Some(_request) = read_request(&mut reader) else { return };
-    if !first {
-        let _ = s.write_all(STREAM_HEAD.as_bytes());
-        let _ = s.write_all(&good_stream());
-        return;
-    }
+    let script = match script {
+        Script::Always(status) => Script::Status(status, None),
+        _ if !first => {
+            let _ = s.write_all(STREAM_HEAD.as_bytes());
+            let _ = s.write_all(&good_stream());
+            return;
+        }
+        other => other,
+    };
     match script {
+        Script::Always(_) => unreachable!("mapped to a status above"),
         Script::Status(status, retry_after) => {
             let body = r#"{"error":{"message":"scripted refusal","type":"invalid_request_error"}}"#;
             let retry = retry_after.map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
@@ -329,6 +336,17 @@ fn status_400_is_the_clients_fault(shell: Shell) {
 
 fn status_401_is_counted_and_told_to_the_operator(shell: Shell) {
     let b = assert_counted(shell, Script::Status(401, None));
+    let stderr = b.stderr();
+    assert_eq!(stderr.matches("refused the API key").count(), 1, "{stderr}");
+    assert!(stderr.contains("OPENAI_API_KEY"), "the message names the variable: {stderr}");
+    drop(b);
+    // A key refused again and again is told once, not once per request.
+    let (url, count) = scripted(Script::Always(403));
+    let b = relay_daemon(shell, &url, 1, 5, 60).start();
+    for i in 0..3 {
+        assert_eq!(ask(&b, &format!("r{i}")).error(), ErrorCode::BackendUnavailable);
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 3);
     let stderr = b.stderr();
     assert_eq!(stderr.matches("refused the API key").count(), 1, "{stderr}");
     assert!(stderr.contains("OPENAI_API_KEY"), "the message names the variable: {stderr}");
