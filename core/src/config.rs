@@ -91,7 +91,7 @@ impl Default for DaemonConfig {
 /// One backend of the ordered list: its kind, its name, and its kind's own options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendSpec {
-    /// `mock` or `llamacpp`.
+    /// `mock`, `llamacpp` or `openai-compat`.
     pub kind: String,
     /// Unique name; defaults to the kind (with `#2`, `#3` … for repeats).
     pub name: String,
@@ -100,7 +100,7 @@ pub struct BackendSpec {
 }
 
 /// The known backend kinds.
-pub const BACKEND_KINDS: &[&str] = &["mock", "llamacpp"];
+pub const BACKEND_KINDS: &[&str] = &["mock", "llamacpp", "openai-compat"];
 
 /// Settings from one layer (file, environment or flags); `None` means "not set here".
 #[derive(Clone, Debug, Default, PartialEq)]

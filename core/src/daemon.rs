@@ -1388,6 +1388,9 @@ impl Daemon {
     ) {
         let Some(mut g) = self.gens.remove(&generation) else { return };
         let now = self.now;
+        if let Err(EngineError { retry_after: Some(after), .. }) = &result {
+            self.router.retry_after(g.route.backend, now + *after);
+        }
         let start = g.content.len();
         g.text.finish(&mut g.content);
         // A matched stop sequence ends the text normally: the cancellation was ours.

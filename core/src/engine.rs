@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -169,21 +170,37 @@ pub struct EngineError {
     pub kind: EngineErrorKind,
     /// Why, in words.
     pub message: String,
+    /// How long the backend asked not to be sent requests (an upstream's `Retry-After`
+    /// on a 429 or 503): the circuit breaker, once open, stays open at least this long.
+    pub retry_after: Option<Duration>,
 }
 
 impl EngineError {
     /// An `Unavailable` failure.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        EngineError { kind: EngineErrorKind::Unavailable, message: message.into() }
+        EngineError {
+            kind: EngineErrorKind::Unavailable,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     /// An `Internal` failure.
     pub fn internal(message: impl Into<String>) -> Self {
-        EngineError { kind: EngineErrorKind::Internal, message: message.into() }
+        EngineError { kind: EngineErrorKind::Internal, message: message.into(), retry_after: None }
     }
     /// An `InvalidRequest` failure: the client's fault, not the backend's.
     pub fn invalid_request(message: impl Into<String>) -> Self {
-        EngineError { kind: EngineErrorKind::InvalidRequest, message: message.into() }
+        EngineError {
+            kind: EngineErrorKind::InvalidRequest,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same failure, carrying the backend's `Retry-After` hint.
+    pub fn with_retry_after(self, retry_after: Duration) -> Self {
+        EngineError { retry_after: Some(retry_after), ..self }
     }
 }
 

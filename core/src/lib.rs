@@ -26,6 +26,7 @@ pub mod framing;
 pub mod http;
 pub mod redact;
 pub mod router;
+pub mod sse;
 pub mod stop;
 pub mod time;
 pub mod utf8;

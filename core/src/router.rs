@@ -4,6 +4,10 @@
 //! `failure_threshold` failures within `failure_window` open a breaker for `cooldown`;
 //! then exactly one trial request goes through (half-open): success closes the breaker,
 //! failure reopens it. The clock is a parameter.
+//!
+//! A backend may also say how long it wants to be left alone (an upstream's
+//! `Retry-After`): [`Router::retry_after`] records that, and the breaker, whenever it is
+//! open, stays open at least until then.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -84,6 +88,17 @@ enum Breaker {
 struct Backend {
     ready: bool,
     breaker: Breaker,
+    /// The latest time the backend asked not to be tried before (`Retry-After`).
+    not_before: Option<Time>,
+}
+
+impl Backend {
+    /// When a breaker opening at `now` closes again: after the cooldown, and not before
+    /// the backend's own `Retry-After`.
+    fn open_until(&self, now: Time, policy: BreakerPolicy) -> Time {
+        let until = now + policy.cooldown;
+        self.not_before.map_or(until, |t| t.max(until))
+    }
 }
 
 /// The router over all configured backends.
@@ -100,6 +115,7 @@ impl Router {
             .map(|_| Backend {
                 ready: false,
                 breaker: Breaker::Closed { failures: VecDeque::new() },
+                not_before: None,
             })
             .collect();
         Router { policy, backends }
@@ -164,7 +180,7 @@ impl Router {
             (Breaker::HalfOpen { .. }, true) => {
                 b.breaker = match outcome {
                     Outcome::Success => Breaker::Closed { failures: VecDeque::new() },
-                    Outcome::Failure => Breaker::Open { until: now + policy.cooldown },
+                    Outcome::Failure => Breaker::Open { until: b.open_until(now, policy) },
                     Outcome::Neutral => Breaker::HalfOpen { trial_in_flight: false },
                 };
             }
@@ -177,12 +193,26 @@ impl Router {
                 }
                 failures.push_back(now);
                 if failures.len() >= policy.failure_threshold as usize {
-                    b.breaker = Breaker::Open { until: now + policy.cooldown };
+                    b.breaker = Breaker::Open { until: b.open_until(now, policy) };
                 }
             }
             // Outcomes of requests routed before the breaker changed state say nothing
             // about the backend's state now.
             _ => {}
+        }
+    }
+
+    /// Records that `backend` asked not to be tried before `not_before` (an upstream's
+    /// `Retry-After` on a 429 or 503). The hint does not count as a failure by itself
+    /// (the failure that carries it is reported as usual); it makes an open breaker,
+    /// whether open already or opened by a later failure, stay open at least until
+    /// then. A later, earlier hint does not shorten an earlier, later one.
+    pub fn retry_after(&mut self, backend: usize, not_before: Time) {
+        let Some(b) = self.backends.get_mut(backend) else { return };
+        let latest = b.not_before.map_or(not_before, |t| t.max(not_before));
+        b.not_before = Some(latest);
+        if let Breaker::Open { until } = &mut b.breaker {
+            *until = (*until).max(latest);
         }
     }
 
@@ -325,5 +355,40 @@ mod tests {
         // A request routed before the breaker opened finishes late.
         r.report(Route { backend: 0, trial: false }, Outcome::Success, t(1));
         assert_eq!(r.breaker_state(0, t(1)), BreakerState::Open);
+    }
+
+    #[test]
+    fn retry_after_keeps_an_opening_breaker_open_longer() {
+        // The hint comes with the failure that opens the breaker.
+        let mut r = ready_router(2);
+        let route = Route { backend: 0, trial: false };
+        r.report(route, Outcome::Failure, t(0));
+        r.report(route, Outcome::Failure, t(1));
+        assert_eq!(r.breaker_state(0, t(2)), BreakerState::Closed, "a hint is not a failure");
+        r.retry_after(0, t(2) + Duration::from_secs(120));
+        assert_eq!(r.breaker_state(0, t(2)), BreakerState::Closed, "a hint is not a failure");
+        r.report(route, Outcome::Failure, t(2));
+        assert_eq!(r.next_cooldown_end(t(2)), Some(t(122)));
+        assert_eq!(r.route(t(32)), Some(Route { backend: 1, trial: false }), "past the cooldown");
+        assert_eq!(r.breaker_state(0, t(121)), BreakerState::Open);
+        assert_eq!(r.route(t(122)), Some(Route { backend: 0, trial: true }));
+    }
+
+    #[test]
+    fn retry_after_extends_an_open_breaker_and_never_shortens_it() {
+        let mut r = ready_router(1);
+        open(&mut r, 0);
+        r.retry_after(0, t(90));
+        assert_eq!(r.next_cooldown_end(t(0)), Some(t(90)));
+        r.retry_after(0, t(5));
+        assert_eq!(r.next_cooldown_end(t(0)), Some(t(90)), "a shorter hint later");
+        assert_eq!(r.route(t(89)), None);
+        let trial = r.route(t(90)).unwrap();
+        // The failed trial reopens for the cooldown: the old hint has passed.
+        r.report(trial, Outcome::Failure, t(91));
+        assert_eq!(r.next_cooldown_end(t(91)), Some(t(121)));
+        // A hint shorter than the cooldown changes nothing.
+        r.retry_after(0, t(100));
+        assert_eq!(r.next_cooldown_end(t(91)), Some(t(121)));
     }
 }

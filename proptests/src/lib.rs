@@ -15,6 +15,7 @@ pub mod http;
 pub mod model;
 pub mod rng;
 pub mod sim;
+pub mod sse;
 
 use inferd_core::admin::{self, AdminState, StatsEvent};
 use inferd_core::config::Settings;

@@ -13,6 +13,7 @@ const TARGETS: &[(&str, Check)] = &[
     ("daemon", inferd_proptests::fuzz_daemon),
     ("http_request", inferd_proptests::http::fuzz_http_request),
     ("redact", inferd_proptests::fuzz_redact),
+    ("sse", inferd_proptests::sse::fuzz_sse),
 ];
 
 fn inputs(target: &str) -> Vec<PathBuf> {
@@ -84,6 +85,11 @@ fn http_request() {
 #[test]
 fn redact() {
     replay(TARGETS[6].0, TARGETS[6].1);
+}
+
+#[test]
+fn sse() {
+    replay(TARGETS[7].0, TARGETS[7].1);
 }
 
 #[test]

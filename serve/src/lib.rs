@@ -17,6 +17,7 @@ use inferd_host::driver::ServeSetup;
 use inferd_host::lock::InstanceLock;
 use inferd_host::logfile::ActivityLogFile;
 use inferd_host::{fdlimit, paths, socket, time};
+use inferd_engine_openai_compat::{OpenAiConfig, OpenAiEngine};
 use serde_json::Value;
 
 /// The flags of `serve`, each also settable by an `INFERD_*` variable (a flag wins).
@@ -28,7 +29,8 @@ pub struct ServeArgs {
     /// Config file (JSON). Missing is fine at the default path, an error elsewhere.
     #[arg(long, env = "INFERD_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Backend to serve: `mock` or `llamacpp` (replaces the config's backend list).
+    /// Backend to serve: `mock` or `llamacpp` (replaces the config's backend list). An
+    /// `openai-compat` upstream is configured in the config file's `backends` list.
     #[arg(long, env = "INFERD_BACKEND", value_name = "KIND")]
     pub backend: Option<String>,
     /// Runtime directory for the sockets and the lock [default: $XDG_RUNTIME_DIR/inferd,
@@ -260,6 +262,11 @@ pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
         "llamacpp" => Err(format!(
             "backend {spec}: this build has no llama.cpp support (feature `llama` is off)"
         )),
+        "openai-compat" => {
+            let cfg = OpenAiConfig::from_options(&spec.options)
+                .map_err(|e| format!("backend {spec}: {e}"))?;
+            Ok(Arc::new(OpenAiEngine::new(cfg)))
+        }
         other => Err(format!("backend {spec}: unknown kind {other:?}")),
     }
 }
@@ -512,6 +519,22 @@ mod tests {
         let settings = a.to_settings().unwrap();
         let engines = engines_of(&settings);
         assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 2);
+    }
+
+    #[test]
+    fn openai_compat_backends_count_their_concurrency_toward_the_permits() {
+        let settings = Settings::from_json(
+            r#"{"backends": [{"kind": "openai-compat", "name": "cloud", "model": "m",
+                              "base_url": "http://127.0.0.1:1", "max_concurrency": 5},
+                             {"kind": "mock"}]}"#,
+        )
+        .unwrap();
+        let engines = engines_of(&settings);
+        assert_eq!(engines[0].kind(), "openai-compat");
+        assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 6);
+        let missing = Settings::from_json(r#"{"backends": [{"kind": "openai-compat"}]}"#).unwrap();
+        let err = missing.resolved_backends().iter().map(build_engine).next().unwrap().err();
+        assert!(err.is_some_and(|e| e.contains("base_url")));
     }
 
     #[test]
