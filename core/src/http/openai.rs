@@ -956,20 +956,33 @@ pub fn write_role_chunk(out: &mut Vec<u8>, meta: &CompletionMeta<'_>) {
     );
 }
 
+/// The bytes every content event of one stream starts with (everything up to the
+/// delta's text), built once per stream so each token costs only its own text.
+pub fn content_chunk_prefix(meta: &CompletionMeta<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + meta.id.len() + meta.model.len());
+    write_meta(&mut out, meta, "chat.completion.chunk");
+    out.extend_from_slice(b",\"choices\":[{\"index\":0,\"delta\":{\"content\":");
+    out
+}
+
+/// What follows a content event's text.
+const CONTENT_CHUNK_SUFFIX: &[u8] = b"},\"logprobs\":null,\"finish_reason\":null}]}";
+
 /// Appends a content delta. Empty text writes nothing (a held-back piece is not news).
 pub fn write_content_chunk(out: &mut Vec<u8>, meta: &CompletionMeta<'_>, text: &str) {
+    write_content_chunk_prefixed(out, &content_chunk_prefix(meta), text);
+}
+
+/// [`write_content_chunk`] with the stream's [`content_chunk_prefix`] at hand.
+pub fn write_content_chunk_prefixed(out: &mut Vec<u8>, prefix: &[u8], text: &str) {
     if text.is_empty() {
         return;
     }
-    write_delta_chunk(
-        out,
-        meta,
-        |o| {
-            o.extend_from_slice(b"\"content\":");
-            write_json_str(o, text);
-        },
-        None,
-    );
+    response::write_sse_chunk(out, |o| {
+        o.extend_from_slice(prefix);
+        write_json_str(o, text);
+        o.extend_from_slice(CONTENT_CHUNK_SUFFIX);
+    });
 }
 
 /// Appends the event carrying the finish reason (an empty delta).
