@@ -415,6 +415,16 @@ impl Daemon {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        self.ttft_hist.write_prometheus(
+            &mut out,
+            "inferd_time_to_first_token_seconds",
+            "From admission to the first token, NDJSON and HTTP.",
+        );
+        self.duration_hist.write_prometheus(
+            &mut out,
+            "inferd_request_duration_seconds",
+            "From admission to the terminal answer (done or error), NDJSON and HTTP.",
+        );
         out.push_str(
             "# HELP inferd_breaker_state Circuit breaker state per backend (1 = current).\n",
         );
