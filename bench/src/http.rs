@@ -75,6 +75,7 @@ impl HttpClient {
         }
         let mut first = None;
         let mut tokens = 0;
+        let mut events = 0;
         let mut done = false;
         loop {
             let size = std::str::from_utf8(self.read_line()?).map_err(|_| bad("chunk size"))?;
@@ -84,15 +85,22 @@ impl HttpClient {
             if size == 0 {
                 break;
             }
-            // The daemon writes one event per chunk.
+            // The daemon writes one event per chunk: first the role delta, then content
+            // deltas (the only other events still open, `finish_reason` null), then the
+            // finish, `[DONE]`. Judged by the event's end, so the client does not scan
+            // every event for a key: the NDJSON client finds its `type` at the start of
+            // each line, and the two should cost their clients alike.
             let event = &self.chunk[..size];
-            const CONTENT: &[u8] = br#""delta":{"content":"#;
-            if event.windows(CONTENT.len()).any(|w| w == CONTENT) {
-                tokens += 1;
-                first.get_or_insert(start.elapsed());
+            const OPEN: &[u8] = b"\"finish_reason\":null}]}\n\n";
+            if event.ends_with(OPEN) {
+                if events > 0 {
+                    tokens += 1;
+                    first.get_or_insert(start.elapsed());
+                }
             } else if event.starts_with(b"data: [DONE]") {
                 done = true;
             }
+            events += 1;
         }
         let now = start.elapsed();
         Ok(Exchange { first: first.unwrap_or(now), terminal: now, tokens, ok: status_ok && done })

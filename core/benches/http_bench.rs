@@ -93,6 +93,8 @@ fn main() {
     }) / TOKENS.len() as f64;
 
     let meta = CompletionMeta { id: "r1", created: 1_700_000_000, model: "tiny" };
+    // Built once per stream, as the daemon does.
+    let prefix = openai::content_chunk_prefix(&meta);
     let stop = StopMatcher::new(&["</s>", "\n\nUser:"]).unwrap_or_else(|e| panic!("{e}"));
     let mut text = TokenText::new(stop);
     let mut delta = String::new();
@@ -100,7 +102,7 @@ fn main() {
         for t in TOKENS {
             delta.clear();
             text.push(t, &mut delta);
-            openai::write_content_chunk(&mut out, &meta, &delta);
+            openai::write_content_chunk_prefixed(&mut out, &prefix, &delta);
         }
         black_box(&out);
         out.clear();
@@ -121,7 +123,7 @@ fn main() {
     let http_sse = median_ns(rounds, iters, || {
         for t in TOKENS {
             let s = std::str::from_utf8(t).unwrap_or_default();
-            openai::write_content_chunk(&mut out, &meta, s);
+            openai::write_content_chunk_prefixed(&mut out, &prefix, s);
         }
         black_box(&out);
         out.clear();

@@ -540,6 +540,10 @@ pub struct Daemon {
     outcomes: std::collections::BTreeMap<&'static str, u64>,
     /// Names HTTP requests, which bring no id of their own.
     next_http_id: u64,
+    /// Admission to first token, both transports, for `/metrics`.
+    ttft_hist: crate::metrics::Histogram,
+    /// Admission to the terminal answer (done or error), both transports.
+    duration_hist: crate::metrics::Histogram,
 }
 
 impl Daemon {
@@ -579,6 +583,8 @@ impl Daemon {
             admin_flush_expired: false,
             outcomes: std::collections::BTreeMap::new(),
             next_http_id: 1,
+            ttft_hist: crate::metrics::Histogram::latency(),
+            duration_hist: crate::metrics::Histogram::latency(),
             cfg,
         };
         if !d.cfg.ready_timeout.is_zero() {
@@ -1310,7 +1316,10 @@ impl Daemon {
                     // Text after a stop sequence is never shown; the engine is stopping.
                     return;
                 }
-                g.first_token.get_or_insert(now);
+                if g.first_token.is_none() {
+                    g.first_token = Some(now);
+                    self.ttft_hist.observe(now.saturating_since(g.admitted));
+                }
                 let start = g.content.len();
                 if g.text.push(&bytes, &mut g.content) {
                     g.stopped = true;
@@ -1344,6 +1353,7 @@ impl Daemon {
     /// sealed and marked undelivered until flushed, the breaker hears the outcome, the
     /// connection flushes and the admission place is freed.
     fn settle_gen(&mut self, conn: ConnId, g: &Gen, outcome: Outcome) {
+        self.duration_hist.observe(self.now.saturating_since(g.admitted));
         if let Some(c) = self.conns.get_mut(&conn) {
             c.seal_if_full();
             c.undelivered = Some(g.req_id.clone());

@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod engine;
 pub mod framing;
 pub mod http;
+pub mod metrics;
 pub mod redact;
 pub mod router;
 pub mod sse;

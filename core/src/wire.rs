@@ -179,7 +179,7 @@ pub fn salvage_id(line: &[u8]) -> String {
 /// An integer field that tolerates any JSON integer, so range errors can be told apart
 /// from type errors.
 #[derive(Clone, Copy, Debug)]
-struct Int(i128);
+pub(crate) struct Int(pub(crate) i128);
 
 impl<'de> Deserialize<'de> for Int {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -261,7 +261,7 @@ impl SeenKeys {
 }
 
 /// A map key borrowed from the input when it has no escapes.
-struct Key<'a>(std::borrow::Cow<'a, str>);
+pub(crate) struct Key<'a>(pub(crate) std::borrow::Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -426,9 +426,73 @@ impl RawRequest {
                 message: "missing field `messages`".into(),
             });
         };
-        let invalid = |id: String, message: String| Err(DecodeError::Invalid { id, message });
-        if messages.is_empty() {
-            return invalid(id, "`messages` must not be empty".into());
+        let int = |i: Option<Int>| i.map(|Int(n)| n);
+        let fields = SamplingFields {
+            messages,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: int(self.top_k),
+            max_tokens: int(self.max_tokens),
+            image_token_budget: int(self.image_token_budget),
+            grammar: self.grammar,
+            seed: self.seed,
+            stop: match self.stop {
+                None => Vec::new(),
+                Some(StopField::One(s)) => vec![s],
+                Some(StopField::Many(v)) => v,
+            },
+        };
+        match fields.validate() {
+            Ok((params, stop)) => {
+                Ok(Request { id, stop, stream: self.stream.unwrap_or(true), params })
+            }
+            Err(e) => Err(DecodeError::Invalid { id, message: e.message }),
+        }
+    }
+}
+
+/// The generation fields of a request as sent, well-typed but not yet range-checked:
+/// what protocol v1 and the HTTP API both decode into, so [`SamplingFields::validate`]
+/// is the one place their rules live.
+#[derive(Clone, Debug, Default)]
+pub struct SamplingFields {
+    /// The conversation; must not be empty.
+    pub messages: Vec<Message>,
+    /// Sampling temperature as sent.
+    pub temperature: Option<f64>,
+    /// Nucleus mass as sent.
+    pub top_p: Option<f64>,
+    /// Top-k as sent (any JSON integer, so a negative one is a range error).
+    pub top_k: Option<i128>,
+    /// Most tokens as sent.
+    pub max_tokens: Option<i128>,
+    /// Image token budget as sent.
+    pub image_token_budget: Option<i128>,
+    /// GBNF grammar as sent.
+    pub grammar: Option<String>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// Stop sequences; empty for none.
+    pub stop: Vec<String>,
+}
+
+/// A well-typed field out of its range: which field, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RangeError {
+    /// The field at fault, by its protocol v1 name.
+    pub field: &'static str,
+    /// What was wrong, for the client (names the field in backticks).
+    pub message: String,
+}
+
+impl SamplingFields {
+    /// Checks every range (spec §2) and fills in the defaults: the engine's request and
+    /// the stop sequences, or the first field out of range.
+    pub fn validate(self) -> Result<(GenerateRequest, Vec<String>), RangeError> {
+        let err = |field: &'static str, message: String| Err(RangeError { field, message });
+        if self.messages.is_empty() {
+            return err("messages", "`messages` must not be empty".into());
         }
         let defaults = GenerateRequest::default();
         // Ranges are checked on the numbers as sent and again on the f32 values engines
@@ -436,36 +500,36 @@ impl RawRequest {
         let temperature_wide = self.temperature.unwrap_or(defaults.temperature.into());
         let temperature = temperature_wide as f32;
         if !temperature.is_finite() || temperature_wide < 0.0 {
-            return invalid(
-                id,
+            return err(
+                "temperature",
                 format!("`temperature` must be finite and >= 0, got {temperature_wide}"),
             );
         }
         let top_p_wide = self.top_p.unwrap_or(defaults.top_p.into());
         let top_p = top_p_wide as f32;
         if !(top_p_wide > 0.0 && top_p_wide <= 1.0 && top_p > 0.0) {
-            return invalid(id, format!("`top_p` must be in (0, 1], got {top_p_wide}"));
+            return err("top_p", format!("`top_p` must be in (0, 1], got {top_p_wide}"));
         }
         let top_k = match self.top_k {
             None => defaults.top_k,
-            Some(Int(k)) if k < 0 => return invalid(id, format!("`top_k` must be >= 0, got {k}")),
-            Some(Int(k)) => u32::try_from(k).unwrap_or(u32::MAX),
+            Some(k) if k < 0 => return err("top_k", format!("`top_k` must be >= 0, got {k}")),
+            Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
         };
         let max_tokens = match self.max_tokens {
             None => defaults.max_tokens,
-            Some(Int(n)) if n < 0 => {
-                return invalid(id, format!("`max_tokens` must be >= 0, got {n}"));
+            Some(n) if n < 0 => {
+                return err("max_tokens", format!("`max_tokens` must be >= 0, got {n}"));
             }
             // Above the backend's context it is clamped anyway; u32 is plenty.
-            Some(Int(n)) => u32::try_from(n).unwrap_or(u32::MAX),
+            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
         };
         let image_token_budget = match self.image_token_budget {
             None => None,
-            Some(Int(b)) => match u32::try_from(b) {
+            Some(b) => match u32::try_from(b) {
                 Ok(b) if IMAGE_TOKEN_BUDGETS.contains(&b) => Some(b),
                 _ => {
-                    return invalid(
-                        id,
+                    return err(
+                        "image_token_budget",
                         format!(
                             "`image_token_budget` must be one of 70, 140, 280, 560, 1120, got {b}"
                         ),
@@ -475,41 +539,32 @@ impl RawRequest {
         };
         let grammar = self.grammar.unwrap_or_default();
         if grammar.len() > MAX_GRAMMAR_BYTES {
-            return invalid(
-                id,
+            return err(
+                "grammar",
                 format!("`grammar` is {} bytes, more than {MAX_GRAMMAR_BYTES}", grammar.len()),
             );
         }
         let alternatives = grammar.bytes().filter(|&b| b == b'|').count();
         if alternatives > MAX_GRAMMAR_ALTERNATIVES {
-            return invalid(
-                id,
+            return err(
+                "grammar",
                 format!("`grammar` has {alternatives} `|`, more than {MAX_GRAMMAR_ALTERNATIVES}"),
             );
         }
-        let stop = match self.stop {
-            None => Vec::new(),
-            Some(StopField::One(s)) => vec![s],
-            Some(StopField::Many(v)) => v,
-        };
-        if let Err(e) = crate::stop::StopMatcher::new(&stop) {
-            return invalid(id, format!("`stop`: {e}"));
+        if let Err(e) = crate::stop::StopMatcher::new(&self.stop) {
+            return err("stop", format!("`stop`: {e}"));
         }
-        Ok(Request {
-            id,
-            stop,
-            stream: self.stream.unwrap_or(true),
-            params: GenerateRequest {
-                messages,
-                temperature,
-                top_p,
-                top_k,
-                max_tokens,
-                image_token_budget,
-                grammar,
-                seed: self.seed,
-            },
-        })
+        let params = GenerateRequest {
+            messages: self.messages,
+            temperature,
+            top_p,
+            top_k,
+            max_tokens,
+            image_token_budget,
+            grammar,
+            seed: self.seed,
+        };
+        Ok((params, self.stop))
     }
 }
 

@@ -176,11 +176,30 @@ fn keep_alive_and_pipelined_requests(shell: Shell) {
     s.write_all(get("/v1/models").as_bytes()).unwrap();
     let third = read_response(&mut r).expect("third answer");
     assert_eq!(third.json()["data"][0]["id"], "mock");
+    // One NDJSON request too: the latency histograms count both transports.
+    let mut c = d.connect();
+    c.send(&json!({"id": "n1", "messages": [{"role": "user", "content": "a b"}]}));
+    let _ = c.read_reply();
+    for series in [
+        "inferd_time_to_first_token_seconds_count",
+        "inferd_time_to_first_token_seconds_bucket{le=\"+Inf\"}",
+        "inferd_request_duration_seconds_count",
+        "inferd_request_duration_seconds_bucket{le=\"+Inf\"}",
+        "inferd_requests_total{outcome=\"done\"}",
+    ] {
+        assert_eq!(metric(&addr, series), 2, "{series}");
+    }
+    for series in ["inferd_queued_requests", "inferd_active_requests"] {
+        assert_eq!(metric(&addr, series), 0, "{series}");
+    }
+    assert!(metric(&addr, "inferd_completion_tokens_total") >= 5);
+    assert!(metric(&addr, "inferd_prompt_tokens_total") > 0);
+    assert_eq!(metric(&addr, "inferd_breaker_state{backend=\"mock\",state=\"closed\"}"), 1);
     // The log is written when the daemon idles; its exit flushes it for sure.
     assert!(d.terminate().success(), "stderr:\n{}", d.stderr());
     let done: Vec<Value> =
         d.log_records().into_iter().filter(|r| r["msg"] == "request_done").collect();
-    assert_eq!(done.len(), 1);
+    assert_eq!(done.len(), 2);
     assert_eq!(done[0]["transport"], "http");
     assert!(!d.log_text().contains("hello big world"), "prompts are never logged");
 }

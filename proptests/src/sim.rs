@@ -2,7 +2,8 @@
 //!
 //! One seed drives everything: the configuration, simulated clients (well-behaved, slow
 //! readers, slow senders, disconnecting, half-closing, pipelining, malformed, oversize,
-//! bursts, TCP authentication), simulated engines (per-token delays, failures before and
+//! bursts, TCP authentication; and HTTP clients of the OpenAI API: keep-alive chat
+//! completions streamed or not, going away mid-answer, malformed heads), simulated engines (per-token delays, failures before and
 //! during the stream, hangs, UTF-8 split across tokens), backend loading and readiness
 //! flapping, admin subscribers (some stalled), a clock with occasional large jumps, and a
 //! shutdown at a random moment. The simulator plays the shell's part of the contract
@@ -15,6 +16,7 @@
 //! Entity-local random generators (per connection, per generation) keep runs
 //! deterministic even where the daemon emits outputs in hash-map order (at shutdown).
 
+mod http_client;
 mod scripts;
 mod trace;
 
@@ -129,6 +131,9 @@ coverage! {
     admin_drops: "admin subscribers dropped by the daemon",
     fifo_pairs: "pairs of queued requests checked for arrival order",
     clock_jumps: "clock jumps",
+    http_done: "HTTP chat completions answered in full",
+    http_errors: "HTTP chat completions answered with an error",
+    http_malformed: "malformed HTTP heads answered 400 and closed",
     exit0: "orderly exits",
     exit1: "failed starts (exit 1)",
 }
@@ -347,6 +352,8 @@ impl Ev {
 enum Kind {
     Inference,
     Admin,
+    /// The HTTP API (OpenAI chat completions) on the same admission queue.
+    Http,
 }
 
 /// A pending write of a client.
@@ -388,6 +395,13 @@ struct Conn {
     fresh: bool,
     /// An admin subscriber was sent the `draining` status.
     saw_draining: bool,
+    /// HTTP: response bytes not yet parsed into whole responses.
+    http_buf: Vec<u8>,
+    /// HTTP: bytes the client has written, and bytes the shell has fed the daemon.
+    written: usize,
+    fed: usize,
+    /// HTTP: where in the written bytes each chat request ends, and its number.
+    chat_ends: VecDeque<(usize, usize)>,
 }
 
 impl Conn {
@@ -415,6 +429,10 @@ impl Conn {
             wake_token: 0,
             fresh: true,
             saw_draining: false,
+            http_buf: Vec::new(),
+            written: 0,
+            fed: 0,
+            chat_ends: VecDeque::new(),
         }
     }
 }
@@ -525,6 +543,8 @@ struct Sim {
     cov: Coverage,
     /// The largest `Received` fed so far.
     largest_read: usize,
+    /// The id the daemon gives the next HTTP chat request it takes (it counts them).
+    next_http_id: u64,
 }
 
 impl Sim {
@@ -615,6 +635,7 @@ impl Sim {
             trace: Trace::default(),
             cov: Coverage::default(),
             largest_read: 0,
+            next_http_id: 1,
             cfg,
         }
     }
@@ -1042,7 +1063,7 @@ impl Sim {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for c in ids {
             let conn = &self.conns[&c];
-            if conn.closed || conn.kind != Kind::Inference || conn.hung_up {
+            if conn.closed || conn.kind == Kind::Admin || conn.hung_up {
                 continue;
             }
             assert!(
@@ -1065,7 +1086,20 @@ impl Sim {
         self.next_conn += 1;
         let first_new = self.specs.len();
         let read_timeout_ms = self.cfg.read_timeout.as_millis() as u64;
-        let (script, tcp) = {
+        // HTTP clients draw from their own generator, so NDJSON runs keep their shape.
+        let mut hrng = Rng::new(mix(self.base ^ 0x4854_5450, id));
+        let http = hrng.chance(1, 4);
+        let (script, tcp) = if http {
+            let mut ctx = Ctx {
+                tag: self.tag,
+                cap: self.cfg.max_frame_bytes,
+                read_timeout_ms: if read_timeout_ms == 0 { 5_000 } else { read_timeout_ms },
+                api_key: self.cfg.api_key.as_deref(),
+                next_bad: &mut self.next_bad,
+                reqs: &mut self.specs,
+            };
+            (scripts::http_client_script(&mut hrng, &mut ctx), true)
+        } else {
             let mut ctx = Ctx {
                 tag: self.tag,
                 cap: self.cfg.max_frame_bytes,
@@ -1076,13 +1110,14 @@ impl Sim {
             };
             scripts::client_script(&mut self.rng, &mut ctx)
         };
+        let kind = if http { Kind::Http } else { Kind::Inference };
         for n in first_new..self.specs.len() {
             let prev = self.req_by_id.insert(self.specs[n].id.clone(), n);
             assert!(prev.is_none(), "sim bug: duplicate request id");
             self.reqs.push(ReqState { conn: id, ..ReqState::default() });
         }
         let crng = Rng::new(mix(self.base, id));
-        self.conns.insert(id, Conn::new(Kind::Inference, crng, script));
+        self.conns.insert(id, Conn::new(kind, crng, script));
         self.open_inference += 1;
         let transport = if tcp { Transport::Tcp } else { Transport::Unix };
         let peer = Peer {
@@ -1091,7 +1126,8 @@ impl Sim {
             uid: Some(1000),
             pid: Some(id as u32),
         };
-        self.feed(Input::Accepted { conn: ConnId(id), listener: ListenerKind::Inference, peer });
+        let listener = if http { ListenerKind::Http } else { ListenerKind::Inference };
+        self.feed(Input::Accepted { conn: ConnId(id), listener, peer });
         if let Some(c) = self.conns.get_mut(&id) {
             c.fresh = false;
         }
@@ -1154,6 +1190,7 @@ impl Sim {
                 let n = conn.rng.range_usize(1, w.chunk_max.min(remaining).max(1)).min(remaining);
                 conn.inbound.extend(&w.bytes[w.pos..w.pos + n]);
                 w.pos += n;
+                conn.written += n;
                 let mut done_lines = Vec::new();
                 while w.marks.front().is_some_and(|(off, _)| *off <= w.pos) {
                     if let Some((_, e)) = w.marks.pop_front() {
@@ -1186,6 +1223,13 @@ impl Sim {
             match conn.script.pop_front() {
                 None => return,
                 Some(Action::Write { bytes, marks, chunk_max, gap_ms }) => {
+                    if conn.kind == Kind::Http {
+                        for (off, e) in &marks {
+                            if let Expect::Request(n) = e {
+                                conn.chat_ends.push_back((conn.written + off, *n));
+                            }
+                        }
+                    }
                     conn.writing =
                         Some(Writing { bytes, pos: 0, marks: marks.into(), chunk_max, gap_ms });
                 }
@@ -1273,6 +1317,18 @@ impl Sim {
                 if conn.rng.chance(7, 10) { len.min(8192) } else { conn.rng.range_usize(1, len) };
             let bytes: Vec<u8> = conn.inbound.drain(..n).collect();
             conn.credit = false;
+            conn.fed += n;
+            // The daemon names an HTTP chat request when its body is complete (the
+            // client never sends one before the last is answered): learn the name now,
+            // before the daemon's records mention it.
+            while conn.chat_ends.front().is_some_and(|&(end, _)| end <= conn.fed) {
+                let Some((_, req)) = conn.chat_ends.pop_front() else { break };
+                let rid = format!("{:x}", self.next_http_id);
+                self.next_http_id += 1;
+                self.specs[req].id = rid.clone();
+                let prev = self.req_by_id.insert(rid, req);
+                assert!(prev.is_none(), "sim bug: duplicate HTTP request id");
+            }
             self.feed(Input::Received { conn: ConnId(c), bytes: &bytes });
         } else if conn.eof_written {
             conn.credit = false;
@@ -1360,7 +1416,7 @@ impl Sim {
         self.trace.push(self.now, Dir::Out, "Read", format!("c{c}"));
         let conn = self.conns.get_mut(&c).unwrap_or_else(|| panic!("Read for unknown c{c}"));
         assert!(!conn.closed, "Read for c{c} after its Close");
-        assert_eq!(conn.kind, Kind::Inference, "Read on admin connection c{c}");
+        assert_ne!(conn.kind, Kind::Admin, "Read on admin connection c{c}");
         assert!(!conn.credit, "a second Read credit for c{c} before the first was used");
         conn.credit = true;
         self.notify_read(c);
@@ -1382,7 +1438,7 @@ impl Sim {
         } else if !conn.must_close {
             self.cov.daemon_closes += 1;
         }
-        if conn.kind != Kind::Inference {
+        if conn.kind == Kind::Admin {
             // Spec §4-§5: a subscriber that keeps up hears `draining` before the daemon
             // closes it on the way out, whether or not anything was in flight.
             if let Some(s) = self.shutdown_at {
@@ -1614,8 +1670,13 @@ impl Sim {
         assert!(!conn.closed, "Send on c{c} after its Close");
         assert!(conn.in_flight.is_none(), "a second Send on c{c} while one is in flight");
         assert!(!bytes.is_empty(), "empty Send on c{c}");
-        assert_eq!(bytes.last(), Some(&b'\n'), "Send on c{c} ends inside a frame");
         let kind = conn.kind;
+        if kind == Kind::Http {
+            let terminals = self.on_http_bytes(c, &bytes);
+            self.sent(c, terminals);
+            return;
+        }
+        assert_eq!(bytes.last(), Some(&b'\n'), "Send on c{c} ends inside a frame");
         let mut terminals = 0;
         for line in bytes[..bytes.len() - 1].split(|&b| b == b'\n') {
             assert!(
@@ -1631,6 +1692,7 @@ impl Sim {
                         terminals += 1;
                     }
                 }
+                Kind::Http => unreachable!("HTTP sends are parsed above"),
                 Kind::Admin => {
                     self.check_admin_frame(c, line);
                     if line.windows(10).any(|w| w == b"\"draining\"")
@@ -1641,6 +1703,12 @@ impl Sim {
                 }
             }
         }
+        self.sent(c, terminals);
+    }
+
+    /// A `Send` carrying `terminals` answers is in flight: schedule its delivery.
+    fn sent(&mut self, c: u64, terminals: u64) {
+        let now = self.now;
         let conn = self.conns.get_mut(&c).unwrap_or_else(|| panic!("c{c} vanished"));
         conn.in_flight = Some(terminals);
         conn.flush_token += 1;
@@ -1781,62 +1849,7 @@ impl Sim {
                 if message.contains("draining") {
                     conn.must_close = true;
                 }
-                let r = &self.reqs[n];
-                let gen_ = r.generation.map(|g| (g, &self.gens[&g]));
-                let cov = &mut self.cov;
-                if message.contains("draining") {
-                    cov.draining += 1;
-                } else if message.contains("frame cap") {
-                    cov.over_cap_done += 1;
-                } else if message.contains("no backend") {
-                    cov.no_backend += 1;
-                } else if code == "queue_full" {
-                    cov.queue_full += 1;
-                } else if code == "invalid_request" {
-                    cov.engine_invalid += 1;
-                } else {
-                    cov.backend_failed += 1;
-                }
-                match (code, gen_) {
-                    ("queue_full", None) => {}
-                    ("backend_unavailable", None) => assert!(
-                        message.contains("no backend") || message.contains("draining"),
-                        "c{c}: backend_unavailable for a request never started: {message}"
-                    ),
-                    ("invalid_request", Some((g, x))) => assert!(
-                        matches!(x.end, Some(GenEnd::Failed(EngineErrorKind::InvalidRequest))),
-                        "c{c}: invalid_request for g{g} that the engine did not reject"
-                    ),
-                    ("internal", Some((g, x))) => assert!(
-                        matches!(x.end, Some(GenEnd::Failed(EngineErrorKind::Internal)))
-                            && x.token_events == 0,
-                        "c{c}: internal error for g{g} that did not fail internally before the stream"
-                    ),
-                    ("backend_unavailable", Some((g, x)))
-                        if x.cancelled_at.is_some() && message.contains("drain deadline") =>
-                    {
-                        let _ = g;
-                    }
-                    ("backend_unavailable", Some((g, x))) => match &x.end {
-                        Some(GenEnd::Failed(kind)) => assert!(
-                            *kind == EngineErrorKind::Unavailable || x.token_events > 0,
-                            "c{c}: g{g} failed internally before the stream but got backend_unavailable"
-                        ),
-                        Some(GenEnd::Done(_)) => assert!(
-                            message.contains("frame cap"),
-                            "c{c}: g{g} finished but got backend_unavailable: {message}"
-                        ),
-                        None => assert!(
-                            x.cancelled_at.is_some() && message.contains("drain deadline"),
-                            "c{c}: backend_unavailable for g{g} still running: {message}"
-                        ),
-                    },
-                    (code, g) => panic!(
-                        "c{c}: error {code:?} ({message}) for valid request {n} (generation {:?})",
-                        g.map(|g| g.0)
-                    ),
-                }
-                self.reqs[n].terminal = true;
+                self.check_request_error(c, n, code, message);
                 true
             }
             ("error", Expect::Invalid(want)) => {
@@ -1864,6 +1877,67 @@ impl Sim {
             }
             (_, exp) => panic!("c{c}: expected an answer to {exp:?}, got {}", lossy(line)),
         }
+    }
+
+    /// Checks an error answer to valid request `n` (either transport) against what its
+    /// generation did, and marks the request answered.
+    fn check_request_error(&mut self, c: u64, n: usize, code: &str, message: &str) {
+        let r = &self.reqs[n];
+        let gen_ = r.generation.map(|g| (g, &self.gens[&g]));
+        let cov = &mut self.cov;
+        if message.contains("draining") {
+            cov.draining += 1;
+        } else if message.contains("frame cap") {
+            cov.over_cap_done += 1;
+        } else if message.contains("no backend") {
+            cov.no_backend += 1;
+        } else if code == "queue_full" {
+            cov.queue_full += 1;
+        } else if code == "invalid_request" {
+            cov.engine_invalid += 1;
+        } else {
+            cov.backend_failed += 1;
+        }
+        match (code, gen_) {
+            ("queue_full", None) => {}
+            ("backend_unavailable", None) => assert!(
+                message.contains("no backend") || message.contains("draining"),
+                "c{c}: backend_unavailable for a request never started: {message}"
+            ),
+            ("invalid_request", Some((g, x))) => assert!(
+                matches!(x.end, Some(GenEnd::Failed(EngineErrorKind::InvalidRequest))),
+                "c{c}: invalid_request for g{g} that the engine did not reject"
+            ),
+            ("internal", Some((g, x))) => assert!(
+                matches!(x.end, Some(GenEnd::Failed(EngineErrorKind::Internal)))
+                    && x.token_events == 0,
+                "c{c}: internal error for g{g} that did not fail internally before the stream"
+            ),
+            ("backend_unavailable", Some((g, x)))
+                if x.cancelled_at.is_some() && message.contains("drain deadline") =>
+            {
+                let _ = g;
+            }
+            ("backend_unavailable", Some((g, x))) => match &x.end {
+                Some(GenEnd::Failed(kind)) => assert!(
+                    *kind == EngineErrorKind::Unavailable || x.token_events > 0,
+                    "c{c}: g{g} failed internally before the stream but got backend_unavailable"
+                ),
+                Some(GenEnd::Done(_)) => assert!(
+                    message.contains("frame cap"),
+                    "c{c}: g{g} finished but got backend_unavailable: {message}"
+                ),
+                None => assert!(
+                    x.cancelled_at.is_some() && message.contains("drain deadline"),
+                    "c{c}: backend_unavailable for g{g} still running: {message}"
+                ),
+            },
+            (code, g) => panic!(
+                "c{c}: error {code:?} ({message}) for valid request {n} (generation {:?})",
+                g.map(|g| g.0)
+            ),
+        }
+        self.reqs[n].terminal = true;
     }
 
     fn check_admin_frame(&mut self, c: u64, line: &[u8]) {

@@ -29,6 +29,8 @@ pub(super) struct HttpConn {
     streaming: bool,
     /// The head of the request whose body is being read.
     head: Option<Head>,
+    /// The current stream's content-event prefix, built when the stream starts.
+    chunk_prefix: Vec<u8>,
 }
 
 impl HttpConn {
@@ -40,6 +42,7 @@ impl HttpConn {
             head_only: false,
             streaming: false,
             head: None,
+            chunk_prefix: Vec::new(),
         }
     }
 }
@@ -48,7 +51,9 @@ impl HttpConn {
 /// first if this is the first piece.
 pub(super) fn write_stream_piece(c: &mut Conn, meta: &CompletionMeta<'_>, piece: &str) {
     start_stream(c, meta);
-    openai::write_content_chunk(&mut c.out, meta, piece);
+    if let Some(h) = c.http.as_ref() {
+        openai::write_content_chunk_prefixed(&mut c.out, &h.chunk_prefix, piece);
+    }
 }
 
 fn start_stream(c: &mut Conn, meta: &CompletionMeta<'_>) {
@@ -57,6 +62,7 @@ fn start_stream(c: &mut Conn, meta: &CompletionMeta<'_>) {
         return;
     }
     h.streaming = true;
+    h.chunk_prefix = openai::content_chunk_prefix(meta);
     let head = ResponseHead {
         close: !h.keep_alive,
         ..ResponseHead::new(Status::Ok, response::EVENT_STREAM)
@@ -409,6 +415,16 @@ impl Daemon {
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        self.ttft_hist.write_prometheus(
+            &mut out,
+            "inferd_time_to_first_token_seconds",
+            "From admission to the first token, NDJSON and HTTP.",
+        );
+        self.duration_hist.write_prometheus(
+            &mut out,
+            "inferd_request_duration_seconds",
+            "From admission to the terminal answer (done or error), NDJSON and HTTP.",
+        );
         out.push_str(
             "# HELP inferd_breaker_state Circuit breaker state per backend (1 = current).\n",
         );

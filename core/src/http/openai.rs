@@ -2,19 +2,24 @@
 //! [`GenerateRequest`]s, results into `chat.completion` objects and
 //! `chat.completion.chunk` event streams, failures into OpenAI-shaped error bodies.
 //!
-//! Validation ranges are protocol v1's: the mapped request is handed to
-//! [`wire::decode_request`], so the two APIs can never disagree about what is in range.
-//! What this module checks itself is only what v1 has no notion of: OpenAI's field
-//! types, its unsupported features (each refused naming the field, as `param`), and
-//! the stop sequences.
+//! Validation ranges are protocol v1's: the typed fields are judged by
+//! [`SamplingFields::validate`], the helper v1's decoder uses too, so the two APIs can
+//! never disagree about what is in range. What this module checks itself is only what
+//! v1 has no notion of: OpenAI's field types and its unsupported features (each refused
+//! naming the field, as `param`).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::request::RequestError;
 use super::response::{self, JSON, ResponseHead, Status};
 use crate::stop::{MAX_STOP_SEQUENCES, StopMatcher};
 use crate::wire::{
-    self, ErrorCode, GenerateRequest, Message, Role, StopReason, Usage, write_json_str, write_u64,
+    ErrorCode, GenerateRequest, Int, Key, Message, Role, SamplingFields, StopReason, Usage,
+    write_json_str, write_u64,
 };
 
 /// A GBNF grammar for one JSON object: what `response_format: {"type":"json_object"}`
@@ -167,244 +172,666 @@ pub struct ChatRequest {
 }
 
 /// Parses and validates a `POST /v1/chat/completions` body.
+///
+/// The body is read straight into typed fields (no intermediate JSON tree); the
+/// ranges are then judged by [`SamplingFields::validate`], protocol v1's own rules.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::invalid(None, "the body must be a JSON object"));
+    // Checked once up front, so the parser can skip its per-string checks.
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::invalid(None, "the body is not valid UTF-8"))?;
+    let mut ctx = Ctx::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = Body { ctx: &mut ctx }.deserialize(&mut de).and_then(|raw| de.end().map(|()| raw));
+    let raw = parsed.map_err(|e| ctx.error(&e))?;
+    let Some(messages) = raw.messages else {
+        return Err(ApiError::invalid(Some("messages"), "`messages` is required"));
     };
-    refuse_unsupported(&obj)?;
-    let messages = match obj.get("messages") {
-        Some(Value::Array(items)) => {
-            items.iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<Vec<_>, _>>()?
-        }
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid(Some("messages"), "`messages` is required"));
-        }
-        Some(_) => return Err(ApiError::invalid(Some("messages"), "`messages` must be an array")),
+    // The newer name wins when both are sent.
+    let max_tokens_name =
+        if raw.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let fields = SamplingFields {
+        messages,
+        temperature: raw.temperature,
+        top_p: raw.top_p,
+        top_k: raw.top_k,
+        max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+        image_token_budget: None,
+        grammar: raw.grammar.map(str::to_owned),
+        seed: raw.seed,
+        stop: raw.stop,
     };
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::invalid(Some("model"), "`model` must be a string")),
-    };
-    let stream = opt_bool(&obj, "stream", "stream")?.unwrap_or(false);
-    let include_usage = match obj.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => {
-            opt_bool(o, "include_usage", "stream_options.include_usage")?.unwrap_or(false)
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                Some("stream_options"),
-                "`stream_options` must be an object",
-            ));
-        }
-    };
-    let stop = stop_sequences(obj.get("stop"))?;
+    let (params, stop) = fields.validate().map_err(|e| {
+        // Name the client's own field.
+        let param = match e.field {
+            "max_tokens" => max_tokens_name,
+            f => f,
+        };
+        ApiError::invalid(Some(param), e.message)
+    })?;
     let stop =
         StopMatcher::new(&stop).map_err(|e| ApiError::invalid(Some("stop"), e.to_string()))?;
-    let grammar = response_format(obj.get("response_format"))?;
-
-    // The v1 request carrying the same values, so v1's validation judges the ranges.
-    let mut v1 = Map::new();
-    let messages = serde_json::to_value(&messages)
-        .map_err(|e| ApiError::from_code(ErrorCode::Internal, e.to_string()))?;
-    v1.insert("messages".into(), messages);
-    // The newer name wins when both are sent.
-    let max_tokens_name = match obj.get("max_completion_tokens") {
-        None | Some(Value::Null) => "max_tokens",
-        Some(_) => "max_completion_tokens",
-    };
-    for (name, v1_name) in [
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("top_k", "top_k"),
-        (max_tokens_name, "max_tokens"),
-    ] {
-        match obj.get(name) {
-            None | Some(Value::Null) => {}
-            Some(n @ Value::Number(_)) => {
-                v1.insert(v1_name.into(), n.clone());
-            }
-            Some(_) => {
-                return Err(ApiError::invalid(Some(name), format!("`{name}` must be a number")));
-            }
-        }
-    }
-    match obj.get("seed") {
-        None | Some(Value::Null) => {}
-        Some(Value::Number(n)) => {
-            // OpenAI seeds are signed 64-bit; a negative one keeps its bits, so it
-            // still picks one reproducible stream.
-            let seed = match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => u,
-                (None, Some(i)) => i as u64,
-                _ => return Err(ApiError::invalid(Some("seed"), "`seed` must be an integer")),
-            };
-            v1.insert("seed".into(), seed.into());
-        }
-        Some(_) => return Err(ApiError::invalid(Some("seed"), "`seed` must be an integer")),
-    }
-    if let Some(g) = grammar {
-        v1.insert("grammar".into(), g.into());
-    }
-    let line = serde_json::to_vec(&Value::Object(v1))
-        .map_err(|e| ApiError::from_code(ErrorCode::Internal, e.to_string()))?;
-    let request = wire::decode_request(&line).map_err(|e| {
-        // v1 names the field in backticks; name the client's own field.
-        let param = e.message().split('`').nth(1).map(|p| match p {
-            "max_tokens" => max_tokens_name,
-            p => p,
-        });
-        ApiError::invalid(param, e.message())
-    })?;
-    Ok(ChatRequest { params: request.params, model, stream, include_usage, stop })
+    Ok(ChatRequest {
+        params,
+        model: raw.model,
+        stream: raw.stream.unwrap_or(false),
+        include_usage: raw.include_usage,
+        stop,
+    })
 }
 
-/// Refuses the features we cannot honour, naming the field; absent, null, false and
-/// empty values ask for nothing and pass.
-fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
-    match obj.get("n") {
-        None | Some(Value::Null) => {}
-        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
-        Some(_) => return Err(ApiError::invalid(Some("n"), "only `n` = 1 is supported")),
-    }
-    for field in ["tools", "functions", "logprobs", "top_logprobs", "audio"] {
-        let asks = match obj.get(field) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(_) => true,
-        };
-        if asks {
-            return Err(ApiError::invalid(Some(field), format!("`{field}` is not supported")));
-        }
-    }
-    Ok(())
+/// A request field, rendered into its path only when an error names it.
+#[derive(Clone, Copy, Debug)]
+enum Param {
+    /// A top-level field (or a dotted path under one).
+    Top(&'static str),
+    /// A field of `messages[i]`; empty for the message itself.
+    Message(usize, &'static str),
+    /// A field of `messages[i].content[j]`; empty for the part itself.
+    Part(usize, usize, &'static str),
 }
 
-fn opt_bool(obj: &Map<String, Value>, key: &str, param: &str) -> Result<Option<bool>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::invalid(Some(param), format!("`{param}` must be a boolean"))),
+impl Param {
+    fn render(self) -> String {
+        match self {
+            Param::Top(f) => f.to_owned(),
+            Param::Message(i, "") => format!("messages[{i}]"),
+            Param::Message(i, f) => format!("messages[{i}].{f}"),
+            Param::Part(i, j, "") => format!("messages[{i}].content[{j}]"),
+            Param::Part(i, j, f) => format!("messages[{i}].content[{j}].{f}"),
+        }
+    }
+}
+
+/// Where the typed parse is, so that a failure can name the client's field.
+#[derive(Debug, Default)]
+struct Ctx {
+    /// The field being read.
+    param: Option<Param>,
+    /// What that field must be, for a type error's message.
+    expect: &'static str,
+    /// A refusal decided while reading (unsupported feature, unknown role).
+    refusal: Option<String>,
+}
+
+impl Ctx {
+    fn at(&mut self, param: Param, expect: &'static str) {
+        self.param = Some(param);
+        self.expect = expect;
+    }
+
+    /// Stops the parse with `message` about `param`.
+    fn refuse<E: de::Error>(&mut self, param: Param, message: String) -> E {
+        self.param = Some(param);
+        let e = E::custom(&message);
+        self.refusal = Some(message);
+        e
+    }
+
+    /// The answer to a failed parse.
+    fn error(&self, e: &serde_json::Error) -> ApiError {
+        if let Some(message) = &self.refusal {
+            return ApiError::invalid(self.param.map(Param::render).as_deref(), message.clone());
+        }
+        // A type error belongs to the field being read; broken JSON to nobody.
+        match (e.classify(), self.param) {
+            (serde_json::error::Category::Data, Some(p)) => {
+                let p = p.render();
+                let message = format!("`{p}` must be {}", self.expect);
+                ApiError::invalid(Some(&p), message)
+            }
+            (serde_json::error::Category::Data, None) => {
+                ApiError::invalid(None, format!("the body must be a JSON object: {e}"))
+            }
+            _ => ApiError::invalid(None, format!("the body is not valid JSON: {e}")),
+        }
+    }
+}
+
+/// The body's fields as typed, before the ranges are judged.
+#[derive(Default)]
+struct RawChat<'de> {
+    messages: Option<Vec<Message>>,
+    model: Option<String>,
+    stream: Option<bool>,
+    include_usage: bool,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i128>,
+    max_tokens: Option<i128>,
+    max_completion_tokens: Option<i128>,
+    seed: Option<u64>,
+    stop: Vec<String>,
+    grammar: Option<&'de str>,
+}
+
+/// Reads the top-level object.
+struct Body<'c> {
+    ctx: &'c mut Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for Body<'_> {
+    type Value = RawChat<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+fn int(i: Option<Int>) -> Option<i128> {
+    i.map(|Int(n)| n)
+}
+
+impl<'de> Visitor<'de> for Body<'_> {
+    type Value = RawChat<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a chat completion request object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawChat<'de>, A::Error> {
+        let ctx = self.ctx;
+        let mut r = RawChat::default();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match key.as_ref() {
+                "messages" => {
+                    ctx.at(Param::Top("messages"), "an array of messages");
+                    r.messages = Some(map.next_value_seed(Messages { ctx: &mut *ctx })?);
+                }
+                "model" => {
+                    ctx.at(Param::Top("model"), "a string");
+                    r.model = map.next_value()?;
+                }
+                "stream" => {
+                    ctx.at(Param::Top("stream"), "a boolean");
+                    r.stream = map.next_value()?;
+                }
+                "stream_options" => {
+                    ctx.at(Param::Top("stream_options"), "an object");
+                    r.include_usage = map.next_value_seed(StreamOptions { ctx: &mut *ctx })?;
+                }
+                "temperature" => {
+                    ctx.at(Param::Top("temperature"), "a number");
+                    r.temperature = map.next_value()?;
+                }
+                "top_p" => {
+                    ctx.at(Param::Top("top_p"), "a number");
+                    r.top_p = map.next_value()?;
+                }
+                "top_k" => {
+                    ctx.at(Param::Top("top_k"), "an integer");
+                    r.top_k = int(map.next_value()?);
+                }
+                "max_tokens" => {
+                    ctx.at(Param::Top("max_tokens"), "an integer");
+                    r.max_tokens = int(map.next_value()?);
+                }
+                "max_completion_tokens" => {
+                    ctx.at(Param::Top("max_completion_tokens"), "an integer");
+                    r.max_completion_tokens = int(map.next_value()?);
+                }
+                "seed" => {
+                    ctx.at(Param::Top("seed"), "an integer");
+                    r.seed = map.next_value::<Option<Seed>>()?.map(|Seed(s)| s);
+                }
+                "stop" => {
+                    ctx.at(Param::Top("stop"), "a string or an array of up to 4 strings");
+                    r.stop = map.next_value_seed(StopSeq)?;
+                }
+                "response_format" => {
+                    ctx.at(Param::Top("response_format"), "an object with a string `type`");
+                    r.grammar = map.next_value_seed(ResponseFormat { ctx: &mut *ctx })?;
+                }
+                "n" => {
+                    ctx.at(Param::Top("n"), "1");
+                    if !map.next_value::<Option<One>>()?.is_none_or(|One(one)| one) {
+                        return Err(ctx.refuse(Param::Top("n"), "only `n` = 1 is supported".into()));
+                    }
+                }
+                field @ ("tools" | "functions" | "logprobs" | "top_logprobs" | "audio") => {
+                    let field = match field {
+                        "tools" => "tools",
+                        "functions" => "functions",
+                        "logprobs" => "logprobs",
+                        "top_logprobs" => "top_logprobs",
+                        _ => "audio",
+                    };
+                    if map.next_value::<Asks>()?.0 {
+                        let message = format!("`{field}` is not supported");
+                        return Err(ctx.refuse(Param::Top(field), message));
+                    }
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A seed: OpenAI's are signed 64-bit; a negative one keeps its bits, so it still picks
+/// one reproducible stream.
+struct Seed(u64);
+
+impl<'de> Deserialize<'de> for Seed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Seed;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seed, E> {
+                Ok(Seed(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seed, E> {
+                Ok(Seed(v as u64))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `n`: whether it is exactly the integer 1 (any other value is refused).
+struct One(bool);
+
+impl<'de> Deserialize<'de> for One {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = One;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("1")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<One, E> {
+                Ok(One(v == 1))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<One, E> {
+                Ok(One(false))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<One, E> {
+                Ok(One(false))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<One, E> {
+                Ok(One(false))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<One, E> {
+                Ok(One(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<One, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(One(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<One, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(One(false))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Whether an unsupported feature's field asks for something: absent, null, false and
+/// empty arrays ask for nothing.
+struct Asks(bool);
+
+impl<'de> Deserialize<'de> for Asks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Asks;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Asks, E> {
+                Ok(Asks(false))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Asks, E> {
+                Ok(Asks(false))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Asks, E> {
+                Ok(Asks(v))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Asks, E> {
+                Ok(Asks(true))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Asks, E> {
+                Ok(Asks(true))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Asks, E> {
+                Ok(Asks(true))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Asks, E> {
+                Ok(Asks(true))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Asks, A::Error> {
+                let mut any = false;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    any = true;
+                }
+                Ok(Asks(any))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Asks, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Asks(true))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `stream_options`: null or an object; yields `include_usage`.
+struct StreamOptions<'c> {
+    ctx: &'c mut Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for StreamOptions<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StreamOptions<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut include = false;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if key == "include_usage" {
+                self.ctx.at(Param::Top("stream_options.include_usage"), "a boolean");
+                include = map.next_value::<Option<bool>>()?.unwrap_or(false);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(include)
+    }
+}
+
+/// `stop`: null, one string, or an array of strings (their count and sizes are
+/// judged with the other ranges).
+struct StopSeq;
+
+impl<'de> DeserializeSeed<'de> for StopSeq {
+    type Value = Vec<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StopSeq {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or an array of strings")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+        Ok(vec![v.to_owned()])
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut v = Vec::new();
+        while let Some(s) = seq.next_element::<String>()? {
+            // More than the cap is refused by the range check; stop collecting early.
+            if v.len() <= MAX_STOP_SEQUENCES {
+                v.push(s);
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// `response_format`: the grammar it asks for, if any.
+struct ResponseFormat<'c> {
+    ctx: &'c mut Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for ResponseFormat<'_> {
+    type Value = Option<&'static str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ResponseFormat<'_> {
+    type Value = Option<&'static str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object with a string `type`")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kind: Option<Key<'de>> = None;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if key == "type" {
+                kind = map.next_value()?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        let top = Param::Top("response_format");
+        match kind.as_ref().map(|Key(k)| k.as_ref()) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(JSON_OBJECT_GRAMMAR)),
+            Some("json_schema") => Err(self.ctx.refuse(
+                top,
+                "`response_format` type `json_schema` is not supported; use `json_object`".into(),
+            )),
+            Some(other) => Err(self.ctx.refuse(
+                Param::Top("response_format.type"),
+                format!("unknown `response_format` type `{other}`"),
+            )),
+            None => Err(self
+                .ctx
+                .refuse(top, "`response_format` must be an object with a string `type`".into())),
+        }
+    }
+}
+
+/// `messages`: an array of message objects.
+struct Messages<'c> {
+    ctx: &'c mut Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for Messages<'_> {
+    type Value = Vec<Message>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Message>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Messages<'_> {
+    type Value = Vec<Message>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of messages")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Message>, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(64));
+        loop {
+            let i = v.len();
+            self.ctx.at(Param::Message(i, ""), "an object");
+            match seq.next_element_seed(MessageSeed { ctx: &mut *self.ctx, i })? {
+                Some(m) => v.push(m),
+                None => return Ok(v),
+            }
+        }
     }
 }
 
 /// One message: OpenAI's roles onto v1's, its content parts joined into one text.
-fn message(i: usize, m: &Value) -> Result<Message, ApiError> {
-    let Value::Object(m) = m else {
-        return Err(ApiError::invalid(
-            Some(&format!("messages[{i}]")),
-            "a message must be an object",
-        ));
-    };
-    let role_param = format!("messages[{i}].role");
-    let role = match m.get("role").and_then(Value::as_str) {
-        Some("system" | "developer") => Role::System,
-        Some("user") => Role::User,
-        Some("assistant") => Role::Assistant,
-        Some(r @ ("tool" | "function")) => {
-            return Err(ApiError::invalid(
-                Some(&role_param),
-                format!("role `{r}` is not supported"),
-            ));
-        }
-        Some(r) => {
-            return Err(ApiError::invalid(Some(&role_param), format!("unknown role `{r}`")));
-        }
-        None => return Err(ApiError::invalid(Some(&role_param), "`role` must be a string")),
-    };
-    match m.get("tool_calls") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(_) => {
-            let param = format!("messages[{i}].tool_calls");
-            return Err(ApiError::invalid(Some(&param), "tool calls are not supported"));
-        }
+struct MessageSeed<'c> {
+    ctx: &'c mut Ctx,
+    i: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for MessageSeed<'_> {
+    type Value = Message;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Message, D::Error> {
+        d.deserialize_map(self)
     }
-    let content_param = format!("messages[{i}].content");
-    let content = match m.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        // An assistant turn may carry no text.
-        Some(Value::Null) if role == Role::Assistant => String::new(),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for (j, part) in parts.iter().enumerate() {
-                let param = format!("{content_param}[{j}]");
-                let kind = part.get("type").and_then(Value::as_str);
-                match (kind, part.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => {
-                        // Parts are separate paragraphs of one message.
-                        if j > 0 {
-                            text.push('\n');
+}
+
+impl<'de> Visitor<'de> for MessageSeed<'_> {
+    type Value = Message;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a message object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+        let (ctx, i) = (self.ctx, self.i);
+        let mut role = None;
+        // Outer None: absent; inner None: null.
+        let mut content: Option<Option<String>> = None;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match key.as_ref() {
+                "role" => {
+                    let param = Param::Message(i, "role");
+                    ctx.at(param, "a string");
+                    let Key(r) = map.next_value::<Key<'de>>()?;
+                    role = Some(match r.as_ref() {
+                        "system" | "developer" => Role::System,
+                        "user" => Role::User,
+                        "assistant" => Role::Assistant,
+                        r @ ("tool" | "function") => {
+                            return Err(ctx.refuse(param, format!("role `{r}` is not supported")));
                         }
-                        text.push_str(t);
-                    }
-                    (Some("text"), _) => {
-                        let param = format!("{param}.text");
-                        return Err(ApiError::invalid(Some(&param), "a text part needs `text`"));
-                    }
-                    (Some(other), _) => {
-                        let param = format!("{param}.type");
-                        return Err(ApiError::invalid(
-                            Some(&param),
-                            format!("content parts of type `{other}` are not supported"),
-                        ));
-                    }
-                    (None, _) => {
-                        let param = format!("{param}.type");
-                        return Err(ApiError::invalid(Some(&param), "a content part needs `type`"));
+                        r => return Err(ctx.refuse(param, format!("unknown role `{r}`"))),
+                    });
+                }
+                "content" => {
+                    ctx.at(Param::Message(i, "content"), "a string or an array of text parts");
+                    content = Some(map.next_value_seed(Content { ctx: &mut *ctx, i })?);
+                }
+                "tool_calls" => {
+                    ctx.at(Param::Message(i, "tool_calls"), "an array");
+                    if map.next_value::<Asks>()?.0 {
+                        let param = Param::Message(i, "tool_calls");
+                        return Err(ctx.refuse(param, "tool calls are not supported".into()));
                     }
                 }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
-            text
         }
-        _ => {
-            return Err(ApiError::invalid(
-                Some(&content_param),
-                "`content` must be a string or an array of text parts",
-            ));
-        }
-    };
-    Ok(Message { role, content })
-}
-
-fn stop_sequences(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || {
-        ApiError::invalid(
-            Some("stop"),
-            format!("`stop` must be a string or an array of up to {MAX_STOP_SEQUENCES} strings"),
-        )
-    };
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => {
-            a.iter().map(|s| s.as_str().map(str::to_owned).ok_or_else(bad)).collect()
-        }
-        Some(_) => Err(bad()),
+        let Some(role) = role else {
+            return Err(ctx.refuse(Param::Message(i, "role"), "`role` must be a string".into()));
+        };
+        let content = match content {
+            Some(Some(text)) => text,
+            // An assistant turn may carry no text.
+            Some(None) if role == Role::Assistant => String::new(),
+            _ => {
+                return Err(ctx.refuse(
+                    Param::Message(i, "content"),
+                    "`content` must be a string or an array of text parts".into(),
+                ));
+            }
+        };
+        Ok(Message { role, content })
     }
 }
 
-/// The grammar `response_format` asks for, if any.
-fn response_format(v: Option<&Value>) -> Result<Option<&'static str>, ApiError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
-    match v.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(JSON_OBJECT_GRAMMAR)),
-        Some("json_schema") => Err(ApiError::invalid(
-            Some("response_format"),
-            "`response_format` type `json_schema` is not supported; use `json_object`",
-        )),
-        Some(other) => Err(ApiError::invalid(
-            Some("response_format.type"),
-            format!("unknown `response_format` type `{other}`"),
-        )),
-        None => Err(ApiError::invalid(
-            Some("response_format"),
-            "`response_format` must be an object with a string `type`",
-        )),
+/// A message's `content`: a string, null, or an array of text parts (joined by line
+/// breaks: parts are separate paragraphs of one message).
+struct Content<'c> {
+    ctx: &'c mut Ctx,
+    i: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Content<'_> {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Content<'_> {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or an array of text parts")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let (ctx, i) = (self.ctx, self.i);
+        let mut text = String::new();
+        for j in 0.. {
+            ctx.at(Param::Part(i, j, ""), "an object");
+            let Some(part) = seq.next_element_seed(Part { ctx: &mut *ctx, i, j })? else {
+                break;
+            };
+            if j > 0 {
+                text.push('\n');
+            }
+            text.push_str(&part);
+        }
+        Ok(Some(text))
+    }
+}
+
+/// One content part; only `{"type":"text","text":…}` is supported.
+struct Part<'c> {
+    ctx: &'c mut Ctx,
+    i: usize,
+    j: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Part<'_> {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Part<'_> {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a content part object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (ctx, i, j) = (self.ctx, self.i, self.j);
+        let mut kind: Option<Key<'de>> = None;
+        let mut text: Option<Key<'de>> = None;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match key.as_ref() {
+                "type" => {
+                    ctx.at(Param::Part(i, j, "type"), "a string");
+                    kind = map.next_value()?;
+                }
+                "text" => {
+                    ctx.at(Param::Part(i, j, "text"), "a string");
+                    text = map.next_value()?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        match (kind.as_ref().map(|Key(k)| k.as_ref()), text) {
+            (Some("text"), Some(Key(t))) => Ok(t),
+            (Some("text"), None) => {
+                Err(ctx.refuse(Param::Part(i, j, "text"), "a text part needs `text`".into()))
+            }
+            (Some(other), _) => Err(ctx.refuse(
+                Param::Part(i, j, "type"),
+                format!("content parts of type `{other}` are not supported"),
+            )),
+            (None, _) => {
+                Err(ctx.refuse(Param::Part(i, j, "type"), "a content part needs `type`".into()))
+            }
+        }
     }
 }
 
@@ -529,20 +956,33 @@ pub fn write_role_chunk(out: &mut Vec<u8>, meta: &CompletionMeta<'_>) {
     );
 }
 
+/// The bytes every content event of one stream starts with (everything up to the
+/// delta's text), built once per stream so each token costs only its own text.
+pub fn content_chunk_prefix(meta: &CompletionMeta<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + meta.id.len() + meta.model.len());
+    write_meta(&mut out, meta, "chat.completion.chunk");
+    out.extend_from_slice(b",\"choices\":[{\"index\":0,\"delta\":{\"content\":");
+    out
+}
+
+/// What follows a content event's text.
+const CONTENT_CHUNK_SUFFIX: &[u8] = b"},\"logprobs\":null,\"finish_reason\":null}]}";
+
 /// Appends a content delta. Empty text writes nothing (a held-back piece is not news).
 pub fn write_content_chunk(out: &mut Vec<u8>, meta: &CompletionMeta<'_>, text: &str) {
+    write_content_chunk_prefixed(out, &content_chunk_prefix(meta), text);
+}
+
+/// [`write_content_chunk`] with the stream's [`content_chunk_prefix`] at hand.
+pub fn write_content_chunk_prefixed(out: &mut Vec<u8>, prefix: &[u8], text: &str) {
     if text.is_empty() {
         return;
     }
-    write_delta_chunk(
-        out,
-        meta,
-        |o| {
-            o.extend_from_slice(b"\"content\":");
-            write_json_str(o, text);
-        },
-        None,
-    );
+    response::write_sse_chunk(out, |o| {
+        o.extend_from_slice(prefix);
+        write_json_str(o, text);
+        o.extend_from_slice(CONTENT_CHUNK_SUFFIX);
+    });
 }
 
 /// Appends the event carrying the finish reason (an empty delta).

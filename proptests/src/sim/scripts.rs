@@ -21,6 +21,10 @@ pub(crate) enum Expect {
     Oversize,
     /// A failed TCP authentication: silent close, no frame at all.
     AuthBad,
+    /// A malformed HTTP request head: a 400 answer, then close.
+    HttpMalformed,
+    /// An HTTP request that is not a completion (`GET /health`): one whole answer.
+    HttpOther,
 }
 
 impl Expect {
@@ -351,6 +355,116 @@ fn ending(rng: &mut Rng, script: &mut Vec<Action>) {
 
 fn patience(rng: &mut Rng) -> Option<u64> {
     if rng.chance(1, 6) { Some(rng.range(1, 3000)) } else { None }
+}
+
+/// One chat completion over HTTP (head and body) and the request it registers. The
+/// body maps onto exactly the [`GenerateRequest`] the engine must be given; the daemon
+/// names HTTP requests itself, so the spec's id is filled in when the daemon takes it.
+fn http_chat(rng: &mut Rng, ctx: &mut Ctx<'_>) -> (Vec<u8>, Expect) {
+    let n = ctx.reqs.len();
+    let marker = format!("PROMPT-{}-{n} ", ctx.tag);
+    let mut messages = Vec::new();
+    if rng.chance(1, 4) {
+        messages.push(Message { role: Role::System, content: format!("{marker}be brief") });
+    }
+    let words = rng.range_usize(1, 12);
+    messages.push(Message { role: Role::User, content: format!("{marker}{}", filler(rng, words)) });
+    let mut params = GenerateRequest { messages: messages.clone(), ..GenerateRequest::default() };
+    let mut m = Map::new();
+    m.insert("model".into(), json!("anything"));
+    m.insert("messages".into(), serde_json::to_value(&messages).unwrap_or(Value::Null));
+    if rng.chance(1, 2) {
+        let t = rng.below(200) as f64 / 100.0;
+        m.insert("temperature".into(), json!(t));
+        params.temperature = t as f32;
+    }
+    if rng.chance(1, 3) {
+        let p = rng.range(1, 100) as f64 / 100.0;
+        m.insert("top_p".into(), json!(p));
+        params.top_p = p as f32;
+    }
+    if rng.chance(3, 4) {
+        let mt = if rng.chance(1, 15) { 0 } else { rng.range(1, 40) as u32 };
+        let name = if rng.chance(1, 2) { "max_tokens" } else { "max_completion_tokens" };
+        m.insert(name.into(), json!(mt));
+        params.max_tokens = mt;
+    }
+    if rng.chance(1, 10) {
+        let s = rng.next_u64();
+        m.insert("seed".into(), json!(s));
+        params.seed = Some(s);
+    }
+    // OpenAI's default is a whole answer.
+    let stream = rng.chance(2, 3);
+    if stream || rng.chance(1, 2) {
+        m.insert("stream".into(), json!(stream));
+    }
+    if stream && rng.chance(1, 2) {
+        m.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let body = serde_json::to_vec(&Value::Object(m)).unwrap_or_default();
+    let auth = match ctx.api_key {
+        Some(key) => format!("Authorization: Bearer {key}\r\n"),
+        None => String::new(),
+    };
+    let mut req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    ctx.reqs.push(ReqSpec { id: format!("http-pending-{n}"), stream, params });
+    (req, Expect::Request(n))
+}
+
+/// The script of an HTTP client: keep-alive chat completions, streamed or not, one at a
+/// time; sometimes `GET /health`, a client that goes away mid-answer, or a malformed head.
+pub(crate) fn http_client_script(rng: &mut Rng, ctx: &mut Ctx<'_>) -> Vec<Action> {
+    let mut s = Vec::new();
+    for _ in 0..rng.range(1, 4) {
+        let (bytes, expect) = match rng.below(10) {
+            0 => {
+                let auth = match ctx.api_key {
+                    Some(key) => format!("Authorization: Bearer {key}\r\n"),
+                    None => String::new(),
+                };
+                let get = format!("GET /health HTTP/1.1\r\nHost: sim\r\n{auth}\r\n");
+                (get.into_bytes(), Expect::HttpOther)
+            }
+            _ => http_chat(rng, ctx),
+        };
+        let len = bytes.len();
+        let (chunk_max, gap_ms) =
+            if rng.chance(1, 4) { (rng.range_usize(1, 64), rng.below(5)) } else { (usize::MAX, 0) };
+        s.push(Action::Write { bytes, marks: vec![(len, expect)], chunk_max, gap_ms });
+        match rng.below(8) {
+            // Goes away while the answer is queued, generating or streaming.
+            0 => {
+                s.push(Action::Sleep(rng.range(0, 300)));
+                s.push(Action::HangUp);
+                return s;
+            }
+            1 => s.push(Action::Stall(Some(rng.range(1, 400)))),
+            _ => {}
+        }
+        s.push(Action::Await { patience_ms: patience(rng) });
+    }
+    if rng.chance(1, 6) {
+        let bad: &[u8] = match rng.below(3) {
+            0 => b"NOT HTTP AT ALL\r\n\r\n",
+            1 => b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 12x\r\n\r\n",
+            _ => b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n",
+        };
+        s.push(Action::Write {
+            bytes: bad.to_vec(),
+            marks: vec![(bad.len(), Expect::HttpMalformed)],
+            chunk_max: usize::MAX,
+            gap_ms: 0,
+        });
+        s.push(Action::Await { patience_ms: None });
+    }
+    ending(rng, &mut s);
+    s
 }
 
 /// A client's whole script, and whether it comes over TCP.

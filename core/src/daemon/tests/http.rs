@@ -396,6 +396,71 @@ fn metrics_count_outcomes_and_tokens() {
     assert!(text.contains("inferd_breaker_state{backend=\"mock\",state=\"closed\"} 1"), "{text}");
 }
 
+/// The value of one series line of `/metrics` text.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[test]
+fn latency_histograms_count_both_transports_by_the_injected_clock() {
+    let mut h = H::ready(cfg(&["mock"]));
+    // HTTP: first token after 30 ms, done after 700 ms.
+    h.now = Time::from_secs(10);
+    let a = h.connect_http();
+    h.send(a, &post(&chat_body(r#","stream":true"#), ""));
+    let g = h.last_start();
+    h.now = Time::from_millis(10_030);
+    h.token(g, b"x");
+    h.now = Time::from_millis(10_700);
+    h.done(g, StopReason::End, 1);
+    // NDJSON: first token after 3 ms, done after 4 s.
+    let n = h.connect();
+    h.line(n, HI);
+    let g = h.last_start();
+    h.now = Time::from_millis(10_703);
+    h.token(g, b"y");
+    h.now = Time::from_millis(14_700);
+    h.done(g, StopReason::End, 1);
+    // A request that fails before any token counts in the duration only.
+    h.line(n, HI);
+    let g = h.last_start();
+    h.now = Time::from_millis(14_720);
+    h.fail(g, EngineError::internal("boom"));
+    h.send(a, &get("/metrics"));
+    let r = h.responses(a);
+    let text = String::from_utf8(r[1].body.clone()).unwrap();
+    assert!(text.contains("# TYPE inferd_time_to_first_token_seconds histogram"), "{text}");
+    let ttft = "inferd_time_to_first_token_seconds";
+    assert_eq!(series(&text, &format!("{ttft}_bucket{{le=\"0.005\"}}")), 1.0);
+    assert_eq!(series(&text, &format!("{ttft}_bucket{{le=\"0.025\"}}")), 1.0);
+    assert_eq!(series(&text, &format!("{ttft}_bucket{{le=\"0.05\"}}")), 2.0);
+    assert_eq!(series(&text, &format!("{ttft}_bucket{{le=\"+Inf\"}}")), 2.0);
+    assert_eq!(series(&text, &format!("{ttft}_count")), 2.0);
+    assert!((series(&text, &format!("{ttft}_sum")) - 0.033).abs() < 1e-9);
+    let dur = "inferd_request_duration_seconds";
+    assert_eq!(series(&text, &format!("{dur}_bucket{{le=\"0.025\"}}")), 1.0, "{text}");
+    assert_eq!(series(&text, &format!("{dur}_bucket{{le=\"0.5\"}}")), 1.0);
+    assert_eq!(series(&text, &format!("{dur}_bucket{{le=\"1\"}}")), 2.0);
+    assert_eq!(series(&text, &format!("{dur}_bucket{{le=\"2.5\"}}")), 2.0);
+    assert_eq!(series(&text, &format!("{dur}_bucket{{le=\"5\"}}")), 3.0);
+    assert_eq!(series(&text, &format!("{dur}_count")), 3.0);
+    assert!((series(&text, &format!("{dur}_sum")) - 4.72).abs() < 1e-9);
+    // The other required series are there too.
+    for name in [
+        "inferd_requests_total{outcome=\"done\"}",
+        "inferd_queued_requests",
+        "inferd_active_requests",
+        "inferd_prompt_tokens_total",
+        "inferd_completion_tokens_total",
+        "inferd_breaker_state{backend=\"mock\",state=\"closed\"}",
+    ] {
+        series(&text, name);
+    }
+    assert_eq!(series(&text, "inferd_requests_total{outcome=\"done\"}"), 2.0);
+}
+
 #[test]
 fn slow_heads_time_out_but_idle_keep_alive_connections_do_not() {
     let mut h = H::ready(DaemonConfig { read_timeout: Duration::from_secs(5), ..cfg(&["mock"]) });

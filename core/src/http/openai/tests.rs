@@ -1,4 +1,6 @@
-use serde_json::json;
+use serde_json::{Value, json};
+
+use crate::wire;
 
 use super::*;
 
@@ -401,4 +403,52 @@ fn json_grammar_rules_are_defined() {
         assert!(defined.iter().any(|d| d == word), "rule `{word}` is not defined");
     }
     assert!(JSON_OBJECT_GRAMMAR.len() <= wire::MAX_GRAMMAR_BYTES);
+}
+
+#[test]
+fn fractional_integers_and_nested_type_errors_name_the_field() {
+    for (v, param) in [
+        (with(json!({"max_tokens": 5.5})), "max_tokens"),
+        (with(json!({"top_k": -1})), "top_k"),
+        (with(json!({"stop": ["a", "b", "c", "d", "e", "f", "g"]})), "stop"),
+        (json!({"messages": [{"role": 5, "content": "x"}]}), "messages[0].role"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}),
+            "messages[0].content[0].text",
+        ),
+        (json!({"messages": [{"role": "user", "content": ["x"]}]}), "messages[0].content[0]"),
+    ] {
+        let e = refused(v.clone());
+        assert_eq!(e.param.as_deref(), Some(param), "{v}: {e:?}");
+    }
+}
+
+#[test]
+fn ranges_agree_with_protocol_v1() {
+    // The same out-of-range values are refused by both decoders, with the same message.
+    for extra in [
+        json!({"temperature": -1}),
+        json!({"top_p": 2}),
+        json!({"max_tokens": -3}),
+        json!({"top_k": -2}),
+        json!({"stop": ""}),
+    ] {
+        let e = refused(with(extra.clone()));
+        let mut v1 = with(extra.clone());
+        v1.as_object_mut().unwrap().remove("model");
+        let line = serde_json::to_vec(&v1).unwrap();
+        let v1_err = wire::decode_request(&line).unwrap_err();
+        assert!(!v1_err.closes_connection(), "{extra}");
+        assert_eq!(e.message, v1_err.message(), "{extra}");
+    }
+}
+
+#[test]
+fn trailing_garbage_and_escaped_keys() {
+    assert_eq!(parse_chat_request(b"{\"messages\":[]} x").unwrap_err().param, None);
+    let r = parse_chat_request(
+        br#"{"mess\u0061ges":[{"role":"user","content":"hi"}],"max_tok\u0065ns":2}"#,
+    )
+    .unwrap();
+    assert_eq!(r.params.max_tokens, 2);
 }
