@@ -224,12 +224,19 @@ pub struct RouterModel {
     pub policy: BreakerPolicy,
     /// Per backend: ready, breaker.
     pub backends: Vec<(bool, ModelBreaker)>,
+    /// Per backend: the latest `Retry-After` deadline it asked for (spec: an open
+    /// breaker stays open at least that long, whenever it opens).
+    pub not_before: Vec<Option<Time>>,
 }
 
 impl RouterModel {
     /// `n` backends, none ready, all breakers closed.
     pub fn new(n: usize, policy: BreakerPolicy) -> Self {
-        RouterModel { policy, backends: vec![(false, ModelBreaker::Closed(Vec::new())); n] }
+        RouterModel {
+            policy,
+            backends: vec![(false, ModelBreaker::Closed(Vec::new())); n],
+            not_before: vec![None; n],
+        }
     }
 
     /// Marks a backend ready or not.
@@ -268,9 +275,26 @@ impl RouterModel {
         None
     }
 
+    /// A backend asked not to be tried before `not_before` (an upstream's 429 or 503
+    /// with `Retry-After`): an open breaker, now or later, stays open at least until
+    /// the latest such deadline.
+    pub fn retry_after(&mut self, backend: usize, not_before: Time) {
+        let Some(slot) = self.not_before.get_mut(backend) else { return };
+        let latest = slot.map_or(not_before, |t| t.max(not_before));
+        *slot = Some(latest);
+        if let Some((_, ModelBreaker::Open { until })) = self.backends.get_mut(backend) {
+            *until = (*until).max(latest);
+        }
+    }
+
     /// How a routed request ended.
     pub fn report(&mut self, route: Route, outcome: Outcome, now: Time) {
         let policy = self.policy;
+        let hint = self.not_before.get(route.backend).copied().flatten();
+        let open_until = |now: Time| {
+            let until = now + policy.cooldown;
+            hint.map_or(until, |t| t.max(until))
+        };
         let Some((_, br)) = self.backends.get_mut(route.backend) else { return };
         if route.trial {
             assert_eq!(
@@ -281,7 +305,7 @@ impl RouterModel {
             );
             *br = match outcome {
                 Outcome::Success => ModelBreaker::Closed(Vec::new()),
-                Outcome::Failure => ModelBreaker::Open { until: now + policy.cooldown },
+                Outcome::Failure => ModelBreaker::Open { until: open_until(now) },
                 Outcome::Neutral => ModelBreaker::HalfOpen { trial_out: false },
             };
             return;
@@ -293,7 +317,7 @@ impl RouterModel {
             // Failures older than the window no longer count.
             fails.retain(|&t| now.saturating_since(t) < policy.failure_window);
             if fails.len() >= policy.failure_threshold as usize {
-                *br = ModelBreaker::Open { until: now + policy.cooldown };
+                *br = ModelBreaker::Open { until: open_until(now) };
             }
         }
     }

@@ -3,8 +3,9 @@
 //! One seed drives everything: the configuration, simulated clients (well-behaved, slow
 //! readers, slow senders, disconnecting, half-closing, pipelining, malformed, oversize,
 //! bursts, TCP authentication; and HTTP clients of the OpenAI API: keep-alive chat
-//! completions streamed or not, going away mid-answer, malformed heads), simulated engines (per-token delays, failures before and
-//! during the stream, hangs, UTF-8 split across tokens), backend loading and readiness
+//! completions streamed or not, going away mid-answer, malformed heads), simulated engines
+//! (per-token delays, failures before and during the stream, an upstream's 429/503 with a
+//! `Retry-After` hint the breaker must honour, hangs, UTF-8 split across tokens), backend loading and readiness
 //! flapping, admin subscribers (some stalled), a clock with occasional large jumps, and a
 //! shutdown at a random moment. The simulator plays the shell's part of the contract
 //! (one read per credit, one send in flight, `Flushed` after delivery, nothing after
@@ -122,6 +123,7 @@ coverage! {
     too_large: "`frame_too_large` errors",
     draining: "requests refused or cut by draining",
     trials: "half-open trial requests started",
+    retry_after_hints: "engine failures carrying a Retry-After hint (upstream 429/503)",
     cancels: "generations cancelled",
     queued_cancels: "requests cancelled while queued",
     lost_terminal: "terminal frames lost with a dropped connection",
@@ -1655,6 +1657,11 @@ impl Sim {
                     _ => Outcome::Success,
                 };
                 let route = gen_.route;
+                if let EngineEvent::Failed(EngineError { retry_after: Some(after), .. }) = &event {
+                    self.cov.retry_after_hints += 1;
+                    let not_before = Time::from_millis(now) + *after;
+                    self.model.retry_after(route.backend, not_before);
+                }
                 self.model.report(route, outcome, Time::from_millis(now));
             }
         }

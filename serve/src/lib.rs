@@ -13,11 +13,11 @@ use inferd_core::engine::Engine;
 #[cfg(feature = "llama")]
 use inferd_engine_llama::{LlamaConfig, LlamaEngine};
 use inferd_engine_mock::{MockConfig, MockEngine};
+use inferd_engine_openai_compat::{OpenAiConfig, OpenAiEngine};
 use inferd_host::driver::ServeSetup;
 use inferd_host::lock::InstanceLock;
 use inferd_host::logfile::ActivityLogFile;
 use inferd_host::{fdlimit, paths, socket, time};
-use inferd_engine_openai_compat::{OpenAiConfig, OpenAiEngine};
 use serde_json::Value;
 
 /// The flags of `serve`, each also settable by an `INFERD_*` variable (a flag wins).

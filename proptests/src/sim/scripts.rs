@@ -1,6 +1,7 @@
 //! What the simulated clients send and what the simulated engines answer.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use inferd_core::engine::{Completion, EngineError, GenerateRequest, Message, Role, StopReason};
 use inferd_core::wire::{IMAGE_TOKEN_BUDGETS, Usage};
@@ -726,9 +727,13 @@ pub(crate) fn engine_script(
         0..=2 | 4..=9 => {
             // A client error only the engine can see (bad grammar, prompt too long) must
             // never move the breaker, even on a down backend's half-open trial.
-            let e = match rng.below(4) {
+            let e = match rng.below(5) {
                 0 => EngineError::internal("simulated internal error"),
                 1 => EngineError::invalid_request("simulated invalid grammar"),
+                // An upstream's 429 or 503 with `Retry-After`: counted, and the breaker
+                // must stay open at least that long once it opens.
+                2 => EngineError::unavailable("simulated upstream 429")
+                    .with_retry_after(Duration::from_millis(rng.range(1, 120_000))),
                 _ => EngineError::unavailable("simulated outage"),
             };
             script.push_back((delay(rng), Step::Fail(e)));
