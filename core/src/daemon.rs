@@ -1810,9 +1810,14 @@ impl Daemon {
 
 /// What an engine failure tells the circuit breaker. A client error says nothing about
 /// the backend: not counted, and a half-open trial that ends this way leaves the next
-/// request to be the trial (spec §4).
+/// request to be the trial (spec §4). A failure several requests share (one decode that
+/// failed a batch) is counted once.
 fn breaker_outcome(e: &EngineError) -> Outcome {
-    if e.kind == EngineErrorKind::InvalidRequest { Outcome::Neutral } else { Outcome::Failure }
+    match (e.kind, e.incident) {
+        (EngineErrorKind::InvalidRequest, _) => Outcome::Neutral,
+        (_, Some(incident)) => Outcome::SharedFailure(incident),
+        (_, None) => Outcome::Failure,
+    }
 }
 
 /// Appends `piece` as token frames no larger than `cap`: a piece too big for one frame

@@ -66,6 +66,10 @@ pub enum Outcome {
     Failure,
     /// It ended for a reason that says nothing about the backend (client cancel, drain).
     Neutral,
+    /// The backend failed it as part of a failure several requests share (one decode
+    /// that failed a whole batch), named by the engine's incident number: the breaker
+    /// counts the incident once, not once per request it failed.
+    SharedFailure(u64),
 }
 
 /// Where a request was sent.
@@ -90,6 +94,9 @@ struct Backend {
     breaker: Breaker,
     /// The latest time the backend asked not to be tried before (`Retry-After`).
     not_before: Option<Time>,
+    /// The last shared failure the breaker counted, so that the other requests the same
+    /// incident failed are not counted again.
+    last_incident: Option<u64>,
 }
 
 impl Backend {
@@ -116,6 +123,7 @@ impl Router {
                 ready: false,
                 breaker: Breaker::Closed { failures: VecDeque::new() },
                 not_before: None,
+                last_incident: None,
             })
             .collect();
         Router { policy, backends }
@@ -176,15 +184,26 @@ impl Router {
     pub fn report(&mut self, route: Route, outcome: Outcome, now: Time) {
         let policy = self.policy;
         let Some(b) = self.backends.get_mut(route.backend) else { return };
+        let (outcome, incident) = match outcome {
+            // Counted already when another request of the incident reported it. A trial
+            // always settles (the half-open state waits for it), so it counts anyway.
+            Outcome::SharedFailure(id) if b.last_incident == Some(id) && !route.trial => return,
+            Outcome::SharedFailure(id) => (Outcome::Failure, Some(id)),
+            other => (other, None),
+        };
         match (&mut b.breaker, route.trial) {
             (Breaker::HalfOpen { .. }, true) => {
                 b.breaker = match outcome {
                     Outcome::Success => Breaker::Closed { failures: VecDeque::new() },
-                    Outcome::Failure => Breaker::Open { until: b.open_until(now, policy) },
                     Outcome::Neutral => Breaker::HalfOpen { trial_in_flight: false },
+                    Outcome::Failure | Outcome::SharedFailure(_) => {
+                        b.last_incident = incident.or(b.last_incident);
+                        Breaker::Open { until: b.open_until(now, policy) }
+                    }
                 };
             }
             (Breaker::Closed { failures }, false) if outcome == Outcome::Failure => {
+                b.last_incident = incident.or(b.last_incident);
                 while failures
                     .front()
                     .is_some_and(|&t| now.saturating_since(t) >= policy.failure_window)
@@ -390,5 +409,43 @@ mod tests {
         // A hint shorter than the cooldown changes nothing.
         r.retry_after(0, t(100));
         assert_eq!(r.next_cooldown_end(t(91)), Some(t(121)));
+    }
+
+    #[test]
+    fn a_shared_failure_counts_once_per_incident() {
+        // Threshold 3: four requests failed by one decode are one failure, not an open
+        // breaker; two more incidents open it.
+        let mut r = ready_router(2);
+        let route = Route { backend: 0, trial: false };
+        for _ in 0..4 {
+            r.report(route, Outcome::SharedFailure(7), t(0));
+        }
+        assert_eq!(r.breaker_state(0, t(0)), BreakerState::Closed);
+        r.report(route, Outcome::SharedFailure(8), t(1));
+        r.report(route, Outcome::SharedFailure(8), t(1));
+        assert_eq!(r.breaker_state(0, t(1)), BreakerState::Closed);
+        r.report(route, Outcome::SharedFailure(9), t(2));
+        assert_eq!(r.breaker_state(0, t(2)), BreakerState::Open);
+        // Incidents are per backend: the same number on another backend counts there.
+        let other = Route { backend: 1, trial: false };
+        r.report(other, Outcome::SharedFailure(9), t(2));
+        r.report(other, Outcome::Failure, t(2));
+        assert_eq!(r.breaker_state(1, t(2)), BreakerState::Closed);
+        r.report(other, Outcome::SharedFailure(9), t(3));
+        assert_eq!(r.breaker_state(1, t(3)), BreakerState::Closed, "9 counted already on 1");
+    }
+
+    #[test]
+    fn a_trial_failed_by_a_shared_failure_reopens() {
+        let mut r = ready_router(1);
+        open(&mut r, 0);
+        // A request routed while closed, failed by the same decode as the trial, reports
+        // first: stale, so not counted, and the trial still settles the half-open state.
+        let trial = r.route(t(30)).unwrap();
+        r.report(Route { backend: 0, trial: false }, Outcome::SharedFailure(1), t(31));
+        assert_eq!(r.breaker_state(0, t(31)), BreakerState::HalfOpen);
+        r.report(trial, Outcome::SharedFailure(1), t(31));
+        assert_eq!(r.breaker_state(0, t(31)), BreakerState::Open);
+        assert_eq!(r.next_cooldown_end(t(31)), Some(t(61)));
     }
 }

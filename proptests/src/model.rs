@@ -227,6 +227,9 @@ pub struct RouterModel {
     /// Per backend: the latest `Retry-After` deadline it asked for (spec: an open
     /// breaker stays open at least that long, whenever it opens).
     pub not_before: Vec<Option<Time>>,
+    /// Per backend: the shared failure (incident) last counted, so the other requests
+    /// one incident failed do not count again.
+    pub last_incident: Vec<Option<u64>>,
 }
 
 impl RouterModel {
@@ -236,6 +239,7 @@ impl RouterModel {
             policy,
             backends: vec![(false, ModelBreaker::Closed(Vec::new())); n],
             not_before: vec![None; n],
+            last_incident: vec![None; n],
         }
     }
 
@@ -296,6 +300,14 @@ impl RouterModel {
             hint.map_or(until, |t| t.max(until))
         };
         let Some((_, br)) = self.backends.get_mut(route.backend) else { return };
+        let Some(last_incident) = self.last_incident.get_mut(route.backend) else { return };
+        // One incident counts once; a trial always settles the half-open state.
+        let incident = match outcome {
+            Outcome::SharedFailure(id) if *last_incident == Some(id) && !route.trial => return,
+            Outcome::SharedFailure(id) => Some(id),
+            _ => None,
+        };
+        let outcome = if incident.is_some() { Outcome::Failure } else { outcome };
         if route.trial {
             assert_eq!(
                 *br,
@@ -305,14 +317,22 @@ impl RouterModel {
             );
             *br = match outcome {
                 Outcome::Success => ModelBreaker::Closed(Vec::new()),
-                Outcome::Failure => ModelBreaker::Open { until: open_until(now) },
                 Outcome::Neutral => ModelBreaker::HalfOpen { trial_out: false },
+                Outcome::Failure | Outcome::SharedFailure(_) => {
+                    if incident.is_some() {
+                        *last_incident = incident;
+                    }
+                    ModelBreaker::Open { until: open_until(now) }
+                }
             };
             return;
         }
         if let ModelBreaker::Closed(fails) = br
             && outcome == Outcome::Failure
         {
+            if incident.is_some() {
+                *last_incident = incident;
+            }
             fails.push(now);
             // Failures older than the window no longer count.
             fails.retain(|&t| now.saturating_since(t) < policy.failure_window);

@@ -124,6 +124,7 @@ coverage! {
     draining: "requests refused or cut by draining",
     trials: "half-open trial requests started",
     retry_after_hints: "engine failures carrying a Retry-After hint (upstream 429/503)",
+    shared_failures: "engine failures that name an incident shared with other requests",
     cancels: "generations cancelled",
     queued_cancels: "requests cancelled while queued",
     lost_terminal: "terminal frames lost with a dropped connection",
@@ -1652,6 +1653,10 @@ impl Sim {
                 let outcome = match &event {
                     EngineEvent::Failed(e) if e.kind == EngineErrorKind::InvalidRequest => {
                         Outcome::Neutral
+                    }
+                    EngineEvent::Failed(EngineError { incident: Some(id), .. }) => {
+                        self.cov.shared_failures += 1;
+                        Outcome::SharedFailure(*id)
                     }
                     EngineEvent::Failed(_) => Outcome::Failure,
                     _ => Outcome::Success,

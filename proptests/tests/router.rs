@@ -1,5 +1,5 @@
 //! `Router` and its breakers against the reference model, for arbitrary interleavings
-//! of route, report (success, failure, neutral), set_ready and clock advances
+//! of route, report (success, failure, neutral, shared failure), set_ready and clock advances
 //! (including big jumps).
 
 use std::time::Duration;
@@ -19,7 +19,13 @@ enum Op {
 }
 
 fn outcome() -> impl Strategy<Value = Outcome> {
-    prop_oneof![1 => Just(Outcome::Success), 2 => Just(Outcome::Failure), 1 => Just(Outcome::Neutral)]
+    // Few incident numbers, so that several reports name the same one.
+    prop_oneof![
+        1 => Just(Outcome::Success),
+        2 => Just(Outcome::Failure),
+        1 => Just(Outcome::Neutral),
+        2 => (0u64..3).prop_map(Outcome::SharedFailure),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {

@@ -727,8 +727,11 @@ pub(crate) fn engine_script(
         0..=2 | 4..=9 => {
             // A client error only the engine can see (bad grammar, prompt too long) must
             // never move the breaker, even on a down backend's half-open trial.
-            let e = match rng.below(5) {
+            let e = match rng.below(6) {
                 0 => EngineError::internal("simulated internal error"),
+                // One decode failing a whole batch: the generations started around the
+                // same time share the incident, and the breaker counts it once.
+                5 => EngineError::unavailable("simulated batch failure").in_incident(gen_id / 4),
                 1 => EngineError::invalid_request("simulated invalid grammar"),
                 // An upstream's 429 or 503 with `Retry-After`: counted, and the breaker
                 // must stay open at least that long once it opens.
