@@ -25,7 +25,7 @@ use std::fmt;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use inferd_core::engine::{
     CancelFlag, Capabilities, Completion, Engine, EngineError, GenerateRequest, LoadPhase,
@@ -276,11 +276,19 @@ fn quote_error(body: &str) -> String {
     out
 }
 
-/// A `Retry-After` value in seconds (the HTTP-date form is not honoured), capped at
-/// [`MAX_RETRY_AFTER`].
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    let secs: u64 = value.trim().parse().ok()?;
-    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+/// A `Retry-After` value, in either of its two forms (RFC 9110 §10.2.3): a number of
+/// seconds, or an HTTP date, read against the wall clock `now` (a date already past
+/// asks for no wait). Capped at [`MAX_RETRY_AFTER`]; anything else is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// The JSON body of one streamed chat completion request.
@@ -422,7 +430,7 @@ impl OpenAiEngine {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after)
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
             .filter(|_| matches!(status, 429 | 503));
         let mut reader = response.into_body().into_reader();
         if status != 200 {

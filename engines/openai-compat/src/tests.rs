@@ -77,11 +77,21 @@ fn statuses_are_classified_as_the_breaker_needs() {
 }
 
 #[test]
-fn retry_after_seconds_capped() {
-    assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
-    assert_eq!(parse_retry_after("99999999"), Some(MAX_RETRY_AFTER));
-    assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
-    assert_eq!(parse_retry_after("-1"), None);
+fn retry_after_seconds_or_date_capped() {
+    // 2015-10-21 07:28:00 UTC.
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+    assert_eq!(parse_retry_after(" 12 ", now), Some(Duration::from_secs(12)));
+    assert_eq!(parse_retry_after("99999999", now), Some(MAX_RETRY_AFTER));
+    assert_eq!(
+        parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
+        Some(Duration::from_secs(90)),
+        "an HTTP date 90 s ahead"
+    );
+    assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now), Some(Duration::ZERO));
+    assert_eq!(parse_retry_after("Tue, 20 Oct 2015 07:28:00 GMT", now), Some(Duration::ZERO));
+    assert_eq!(parse_retry_after("Fri, 21 Oct 2016 07:28:00 GMT", now), Some(MAX_RETRY_AFTER));
+    assert_eq!(parse_retry_after("-1", now), None);
+    assert_eq!(parse_retry_after("soon", now), None);
 }
 
 #[test]
