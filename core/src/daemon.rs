@@ -14,7 +14,7 @@ use crate::engine::{
 use crate::framing::{Line, LineDecoder};
 use crate::http::openai::CompletionMeta;
 use crate::http::request::Limits as HttpLimits;
-use crate::router::{Outcome, Route, Router};
+use crate::router::{BackendId, Outcome, Route, Router};
 use crate::stop::{StopMatcher, TokenText};
 use crate::time::Time;
 use crate::wire::{
@@ -124,29 +124,29 @@ pub enum Input<'a> {
     },
     /// A backend moved to a new loading phase.
     BackendPhase {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// The phase.
         phase: LoadPhase,
     },
     /// A backend finished loading and is ready.
     BackendLoaded {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// What it can do.
         capabilities: Capabilities,
     },
     /// A backend failed to load; the daemon cannot start.
     BackendFailed {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// Why.
         error: EngineError,
     },
     /// A loaded backend became ready or not ready.
     BackendReadiness {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// Whether it can take requests.
         ready: bool,
     },
@@ -182,8 +182,8 @@ pub enum Output {
     Start {
         /// The generation's name.
         generation: GenId,
-        /// Index of the backend in priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// What to generate.
         request: GenerateRequest,
     },
@@ -1334,8 +1334,10 @@ impl Daemon {
                     match g.reply {
                         Reply::Ndjson => encode_token_capped(&mut c.out, &g.req_id, piece, cap),
                         Reply::Http { created, .. } => {
-                            let model =
-                                self.backends.get(g.route.backend).map_or("?", |b| b.name.as_str());
+                            let model = self
+                                .backends
+                                .get(g.route.backend.0)
+                                .map_or("?", |b| b.name.as_str());
                             let meta = CompletionMeta { id: &g.req_id, created, model };
                             http::write_stream_piece(c, &meta, piece);
                         }
@@ -1417,7 +1419,7 @@ impl Daemon {
             self.finish_http_gen(g, conn, start, result);
             return;
         }
-        let backend = self.backends[g.route.backend].name.clone();
+        let backend = self.backends[g.route.backend.0].name.clone();
         let timings = Timings {
             queued_ms: g.started.millis_since(g.admitted),
             ttft_ms: g.first_token.unwrap_or(now).millis_since(g.admitted),
@@ -1510,12 +1512,12 @@ impl Daemon {
 
     // ---- backends, admin, stats ----------------------------------------------------
 
-    fn backend_name(&self, backend: usize) -> &str {
-        self.backends.get(backend).map_or("?", |b| b.name.as_str())
+    fn backend_name(&self, backend: BackendId) -> &str {
+        self.backends.get(backend.0).map_or("?", |b| b.name.as_str())
     }
 
-    fn on_loaded(&mut self, backend: usize, mut caps: Capabilities) {
-        let Some(info) = self.backends.get_mut(backend) else { return };
+    fn on_loaded(&mut self, backend: BackendId, mut caps: Capabilities) {
+        let Some(info) = self.backends.get_mut(backend.0) else { return };
         info.loaded = true;
         caps.backend = info.name.clone();
         let mut frame = Vec::new();
@@ -1575,7 +1577,7 @@ impl Daemon {
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| (b.name.as_str(), self.router.breaker_state(i, now).as_str()))
+            .map(|(i, b)| (b.name.as_str(), self.router.breaker_state(BackendId(i), now).as_str()))
             .collect();
         let mut frame = Vec::new();
         admin::encode_stats(

@@ -34,4 +34,5 @@ pub mod utf8;
 pub mod wire;
 
 pub use daemon::{ConnId, Daemon, ExitReason, GenId, Input, Output};
+pub use router::BackendId;
 pub use time::Time;

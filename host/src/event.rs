@@ -4,6 +4,7 @@
 //! It sits in its own module, below the driver and the sources, so that the sources do
 //! not import the driver that imports them.
 
+use inferd_core::BackendId;
 use inferd_core::daemon::{ConnId, GenId, ListenerKind, Peer};
 use inferd_core::engine::{Capabilities, EngineError, EngineEvent, LoadPhase};
 
@@ -51,21 +52,21 @@ pub enum Event {
     /// A backend's loading progressed.
     BackendPhase {
         /// Which backend.
-        backend: usize,
+        backend: BackendId,
         /// The phase.
         phase: LoadPhase,
     },
     /// A backend is ready.
     BackendLoaded {
         /// Which backend.
-        backend: usize,
+        backend: BackendId,
         /// What it can do.
         capabilities: Capabilities,
     },
     /// A backend failed to load.
     BackendFailed {
         /// Which backend.
-        backend: usize,
+        backend: BackendId,
         /// Why.
         error: EngineError,
     },

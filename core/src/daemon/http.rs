@@ -10,7 +10,7 @@ use crate::http::openai::{self, ApiError, CompletionMeta, FinishReason};
 use crate::http::request::{Event, Head, Limits, RequestReader};
 use crate::http::response::{self, JSON, PROMETHEUS_TEXT, ResponseHead, Status};
 use crate::http::route::{self, Endpoint};
-use crate::router::Outcome;
+use crate::router::{BackendId, Outcome};
 use crate::wire::{self, ErrorCode};
 
 /// Seconds a client told `queue_full` (429) is asked to wait before retrying.
@@ -305,7 +305,7 @@ impl Daemon {
     ) {
         let now = self.now;
         let backend =
-            self.backends.get(g.route.backend).map_or("?", |b| b.name.as_str()).to_owned();
+            self.backends.get(g.route.backend.0).map_or("?", |b| b.name.as_str()).to_owned();
         let Reply::Http { include_usage, created } = g.reply else { return };
         let meta = CompletionMeta { id: &g.req_id, created, model: &backend };
         let queued_ms = g.started.millis_since(g.admitted);
@@ -430,7 +430,7 @@ impl Daemon {
         );
         out.push_str("# TYPE inferd_breaker_state gauge\n");
         for (i, b) in self.backends.iter().enumerate() {
-            let current = self.router.breaker_state(i, self.now).as_str();
+            let current = self.router.breaker_state(BackendId(i), self.now).as_str();
             for state in ["closed", "open", "half_open"] {
                 out.push_str("inferd_breaker_state{backend=\"");
                 label(&mut out, &b.name);

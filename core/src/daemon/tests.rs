@@ -15,7 +15,7 @@ struct H {
     credits: HashSet<ConnId>,
     /// Connections whose writes never complete.
     stalled: HashSet<ConnId>,
-    starts: Vec<(GenId, usize, GenerateRequest)>,
+    starts: Vec<(GenId, BackendId, GenerateRequest)>,
     cancels: Vec<GenId>,
     activity: Vec<String>,
     bound: u32,
@@ -64,7 +64,10 @@ impl H {
         let n = cfg.backends.len();
         let mut h = H::new(cfg);
         for b in 0..n {
-            h.input(Input::BackendLoaded { backend: b, capabilities: Capabilities::text_cpu() });
+            h.input(Input::BackendLoaded {
+                backend: BackendId(b),
+                capabilities: Capabilities::text_cpu(),
+            });
         }
         assert_eq!(h.bound, 1);
         h
@@ -539,10 +542,13 @@ fn max_connections_closes_newcomers() {
 fn readiness_gating_binds_only_when_all_backends_loaded() {
     let mut h = H::new(cfg(&["a", "b"]));
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
-    h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::Mmap { path: "/m".into() } });
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendPhase {
+        backend: BackendId(0),
+        phase: LoadPhase::Mmap { path: "/m".into() },
+    });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     assert_eq!(h.bound, 0);
-    h.input(Input::BackendLoaded { backend: 1, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(1), capabilities: Capabilities::text_cpu() });
     assert_eq!(h.bound, 1);
     let statuses: Vec<String> =
         h.raw_lines(admin).iter().map(|v| v["status"].as_str().unwrap().to_owned()).collect();
@@ -566,7 +572,10 @@ fn inference_connections_before_ready_are_refused() {
 #[test]
 fn backend_load_failure_exits_non_zero() {
     let mut h = H::new(cfg(&["llama"]));
-    h.input(Input::BackendFailed { backend: 0, error: EngineError::internal("bad magic") });
+    h.input(Input::BackendFailed {
+        backend: BackendId(0),
+        error: EngineError::internal("bad magic"),
+    });
     let (code, msg) = h.exit.clone().unwrap();
     assert_eq!(code, 1);
     assert!(msg.contains("llama") && msg.contains("bad magic"), "{msg}");
@@ -703,12 +712,12 @@ fn fallback_to_second_backend_when_first_is_broken() {
     for i in 0..3 {
         h.line(c, &req(&format!("f{i}")));
         let (g, b, _) = h.starts.last().cloned().unwrap();
-        assert_eq!(b, 0);
+        assert_eq!(b, BackendId(0));
         h.fail(g, EngineError::unavailable("down"));
     }
     h.line(c, &req("next"));
-    assert_eq!(h.starts.last().unwrap().1, 1);
-    h.input(Input::BackendReadiness { backend: 1, ready: false });
+    assert_eq!(h.starts.last().unwrap().1, BackendId(1));
+    h.input(Input::BackendReadiness { backend: BackendId(1), ready: false });
     let g = h.last_start();
     h.done(g, StopReason::End, 0);
     h.line(c, &req("none"));
@@ -784,10 +793,13 @@ fn admin_lag_limit_disconnects_slow_subscribers() {
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
     h.stalled.insert(admin);
     for i in 0..4 {
-        h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::KvCache { n_ctx: i } });
+        h.input(Input::BackendPhase {
+            backend: BackendId(0),
+            phase: LoadPhase::KvCache { n_ctx: i },
+        });
     }
     assert!(h.is_open(admin));
-    h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::KvCache { n_ctx: 9 } });
+    h.input(Input::BackendPhase { backend: BackendId(0), phase: LoadPhase::KvCache { n_ctx: 9 } });
     assert!(!h.is_open(admin));
 }
 
@@ -1055,7 +1067,7 @@ fn read_timeout_counts_from_the_current_partial_line() {
 fn accessors_follow_the_lifecycle() {
     let mut h = H::new(cfg(&["m"]));
     assert!(!h.d.is_ready());
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     assert!(h.d.is_ready());
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
     let c = h.connect();
@@ -1156,7 +1168,7 @@ fn ready_timeout_names_the_backends_still_loading() {
     let mut c = cfg(&["quick", "slow"]);
     c.ready_timeout = Duration::from_secs(30);
     let mut h = H::new(c);
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     h.advance(Duration::from_secs(30));
     let (code, message) = h.exit.clone().expect("exited");
     assert_eq!(code, 1);
