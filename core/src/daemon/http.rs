@@ -3,7 +3,8 @@
 //! answers written with the OpenAI encoders. One request at a time per connection;
 //! after an answer the next (maybe pipelined) request is read.
 
-use super::{Conn, ConnId, DRAINING, Daemon, Gen, Phase, Reply, breaker_outcome};
+use super::conn::{Client, Conn, Proto};
+use super::{ConnId, DRAINING, Daemon, Gen, Phase, Reply, breaker_outcome};
 use crate::activity::Level;
 use crate::engine::{Completion, EngineError, EngineErrorKind};
 use crate::http::openai::{self, ApiError, CompletionMeta, FinishReason};
@@ -51,13 +52,13 @@ impl HttpConn {
 /// first if this is the first piece.
 pub(super) fn write_stream_piece(c: &mut Conn, meta: &CompletionMeta<'_>, piece: &str) {
     start_stream(c, meta);
-    if let Some(h) = c.http.as_ref() {
+    if let Some(h) = c.role.http() {
         openai::write_content_chunk_prefixed(&mut c.out, &h.chunk_prefix, piece);
     }
 }
 
 fn start_stream(c: &mut Conn, meta: &CompletionMeta<'_>) {
-    let Some(h) = c.http.as_mut() else { return };
+    let Some(h) = c.role.http_mut() else { return };
     if h.streaming {
         return;
     }
@@ -94,10 +95,13 @@ impl Daemon {
     pub(super) fn process_http(&mut self, id: ConnId) {
         loop {
             let Some(c) = self.conns.get_mut(&id) else { return };
-            if c.request.is_some() || c.closing {
+            let closing = c.closing;
+            let Some(Client { request, proto: Proto::Http(h), .. }) = c.role.client_mut() else {
+                return;
+            };
+            if request.is_some() || closing {
                 return;
             }
-            let Some(h) = c.http.as_mut() else { return };
             match h.reader.poll() {
                 None => break,
                 Some(Event::Head(head)) => {
@@ -110,7 +114,7 @@ impl Daemon {
                     }
                     // The head is judged once its body is in: a refused request's body
                     // must still be consumed to find the next request.
-                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.http.as_mut()) {
+                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.role.http_mut()) {
                         h.pending_head(head);
                     }
                 }
@@ -130,7 +134,7 @@ impl Daemon {
                         .num("status", e.status().code().into())
                         .str("error", &e.to_string());
                     self.log(rec);
-                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.http.as_mut()) {
+                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.role.http_mut()) {
                         h.keep_alive = false;
                         h.head_only = false;
                     }
@@ -140,10 +144,10 @@ impl Daemon {
             }
         }
         let Some(c) = self.conns.get(&id) else { return };
-        if c.request.is_some() || c.closing {
+        let Some(Client { request, proto: Proto::Http(h), .. }) = c.role.client() else { return };
+        if request.is_some() || c.closing {
             return;
         }
-        let Some(h) = c.http.as_ref() else { return };
         let (partial, wants) = (h.reader.has_partial(), h.reader.wants_bytes());
         self.await_more(id, partial, wants);
     }
@@ -237,7 +241,7 @@ impl Daemon {
     ) {
         let draining = self.phase != Phase::Ready && self.phase != Phase::Starting;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(h) = c.http.as_ref() else { return };
+        let Some(h) = c.role.http() else { return };
         let head = ResponseHead {
             close: !h.keep_alive || draining,
             retry_after,
@@ -256,7 +260,7 @@ impl Daemon {
     pub(super) fn http_error(&mut self, id: ConnId, error: &ApiError, allow: Option<&'static str>) {
         let draining = self.phase != Phase::Ready && self.phase != Phase::Starting;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(h) = c.http.as_ref() else { return };
+        let Some(h) = c.role.http() else { return };
         if h.streaming {
             openai::write_stream_error(&mut c.out, error);
         } else {
@@ -284,7 +288,7 @@ impl Daemon {
     fn http_answered(&mut self, id: ConnId) {
         let draining = self.phase != Phase::Ready && self.phase != Phase::Starting;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(h) = c.http.as_mut() else { return };
+        let Some(h) = c.role.http_mut() else { return };
         h.streaming = false;
         let keep = h.keep_alive && !draining;
         h.reader.next_request();
@@ -312,7 +316,9 @@ impl Daemon {
         let ttft_ms = g.first_token.unwrap_or(now).millis_since(g.admitted);
         let total_ms = now.millis_since(g.admitted);
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        c.request = None;
+        if let Some(cl) = c.role.client_mut() {
+            cl.request = None;
+        }
         let outcome = match result {
             Ok(Completion { usage, stop_reason, prompt_cached_tokens }) => {
                 let finish = FinishReason::from_stop_reason(stop_reason, g.stopped)
@@ -331,7 +337,7 @@ impl Daemon {
                     let mut body = Vec::with_capacity(256 + g.content.len());
                     openai::write_completion(&mut body, &meta, &g.content, finish, usage);
                     let close =
-                        c.http.as_ref().is_none_or(|h| !h.keep_alive) || self.phase != Phase::Ready;
+                        c.role.http().is_none_or(|h| !h.keep_alive) || self.phase != Phase::Ready;
                     let head = ResponseHead { close, ..ResponseHead::new(Status::Ok, JSON) };
                     response::write_response(&mut c.out, &head, &body);
                 }
