@@ -21,12 +21,13 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, Peer, Transport};
 use inferd_core::engine::{Capabilities, Completion, EngineEvent};
 use inferd_core::redact::redact;
 use inferd_core::wire::{self, StopReason, Usage};
-use inferd_core::{BackendId, ConnId, Daemon, GenId, Input, Output, Time};
+use inferd_core::{
+    BackendId, ConnId, Daemon, DaemonConfig, GenId, Input, ListenerKind, Output, Peer, Time,
+    Transport,
+};
 
 const LINE: &[u8] =
     br#"{"id":"r1","messages":[{"role":"user","content":"hello there"}],"max_tokens":16}"#;

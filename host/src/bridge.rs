@@ -11,9 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use async_channel::Sender;
 
 use crate::event::Event;
-use inferd_core::BackendId;
-use inferd_core::daemon::GenId;
 use inferd_core::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
+use inferd_core::{BackendId, GenId};
 
 struct Job {
     generation: GenId,

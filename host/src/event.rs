@@ -4,9 +4,8 @@
 //! It sits in its own module, below the driver and the sources, so that the sources do
 //! not import the driver that imports them.
 
-use inferd_core::BackendId;
-use inferd_core::daemon::{ConnId, GenId, ListenerKind, Peer};
 use inferd_core::engine::{Capabilities, EngineError, EngineEvent, LoadPhase};
+use inferd_core::{BackendId, ConnId, GenId, ListenerKind, Peer};
 
 /// Something that happened, reported to the driver by tasks and threads.
 #[derive(Debug)]

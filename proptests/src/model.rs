@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 
+use inferd_core::Time;
 use inferd_core::router::{BackendId, BreakerPolicy, BreakerState, Outcome, Route};
-use inferd_core::time::Time;
 
 /// One result of splitting a byte stream into request lines.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -28,12 +28,12 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, MAX_AUTH_LINE_BYTES, Peer, Transport};
 use inferd_core::engine::{Capabilities, EngineError, EngineErrorKind, EngineEvent, LoadPhase};
 use inferd_core::router::{BackendId, BreakerPolicy, Outcome, Route};
-use inferd_core::time::Time;
-use inferd_core::{ConnId, Daemon, GenId, Input, Output};
+use inferd_core::{
+    ConnId, Daemon, DaemonConfig, GenId, Input, ListenerKind, MAX_AUTH_LINE_BYTES, Output, Peer,
+    Time, Transport,
+};
 use serde_json::Value;
 
 use crate::model::RouterModel;

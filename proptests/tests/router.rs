@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use inferd_core::Time;
 use inferd_core::router::{BackendId, BreakerPolicy, Outcome, Route, Router};
-use inferd_core::time::Time;
 use inferd_proptests::model::RouterModel;
 use proptest::prelude::*;
 

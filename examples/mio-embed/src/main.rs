@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, Peer, Transport};
 use inferd_core::engine::{CancelFlag, Engine, EngineEvent};
-use inferd_core::{BackendId, ConnId, Daemon, GenId, Input, Output, Time};
+use inferd_core::{
+    BackendId, ConnId, Daemon, DaemonConfig, GenId, Input, ListenerKind, Output, Peer, Time,
+    Transport,
+};
 use inferd_engine_mock::{MockConfig, MockEngine};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
