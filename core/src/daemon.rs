@@ -20,7 +20,9 @@ use crate::time::Time;
 use crate::wire::{
     self, AuthLine, DoneFrame, ErrorCode, GenerateRequest, Request, StopReason, Timings,
 };
-use conn::{Auth, Client, Conn, Flush, Ndjson, Proto, ReadSide, Role, Subscriber, enqueue_flush};
+use conn::{
+    Auth, Client, Conn, Flush, HttpConn, Ndjson, Proto, ReadSide, Role, Subscriber, enqueue_flush,
+};
 
 /// A connection, named by the shell when it accepts it (unique for the daemon's life).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -693,9 +695,9 @@ impl Daemon {
         }
         let cap = if needs_auth { MAX_AUTH_LINE_BYTES } else { self.cfg.max_frame_bytes };
         let proto = match listener {
-            ListenerKind::Http => Proto::Http(Box::new(http::HttpConn::new(
-                HttpLimits::with_max_body(self.cfg.max_frame_bytes),
-            ))),
+            ListenerKind::Http => Proto::Http(Box::new(HttpConn::new(HttpLimits::with_max_body(
+                self.cfg.max_frame_bytes,
+            )))),
             _ => Proto::Ndjson(Ndjson {
                 decoder: LineDecoder::new(cap),
                 auth: if needs_auth {

@@ -1,12 +1,14 @@
 //! The daemon's per-connection state: what every connection has (its output and where
 //! its writes stand) and, in [`Role`], what only a client or only an admin subscriber
 //! has. Modes are enums, so states that cannot happen together cannot be written down.
+//! The HTTP state lives here too, so that this module needs nothing from the modules
+//! that drive it.
 
 use std::collections::VecDeque;
 
-use super::http::HttpConn;
 use super::{ConnId, ReqState};
 use crate::framing::LineDecoder;
+use crate::http::request::{Head, Limits, RequestReader};
 use crate::time::Time;
 
 /// Output is handed to the shell in chunks of about this size, so a write that takes
@@ -128,6 +130,37 @@ pub(super) enum Auth {
         /// step.
         held: Vec<u8>,
     },
+}
+
+/// What an HTTP connection holds besides the common connection state.
+#[derive(Debug)]
+pub(super) struct HttpConn {
+    /// Bytes in, request heads and bodies out.
+    pub(super) reader: RequestReader,
+    /// The current request allows another one after it.
+    pub(super) keep_alive: bool,
+    /// The current request is `HEAD`: the answer goes without its body.
+    pub(super) head_only: bool,
+    /// The chunked head of a streamed answer is written: errors now go in the stream.
+    pub(super) streaming: bool,
+    /// The head of the request whose body is being read.
+    pub(super) head: Option<Head>,
+    /// The current stream's content-event prefix, built when the stream starts.
+    pub(super) chunk_prefix: Vec<u8>,
+}
+
+impl HttpConn {
+    /// A connection with no request yet, reading under `limits`.
+    pub(super) fn new(limits: Limits) -> HttpConn {
+        HttpConn {
+            reader: RequestReader::new(limits),
+            keep_alive: true,
+            head_only: false,
+            streaming: false,
+            head: None,
+            chunk_prefix: Vec::new(),
+        }
+    }
 }
 
 impl Conn {

@@ -3,12 +3,12 @@
 //! answers written with the OpenAI encoders. One request at a time per connection;
 //! after an answer the next (maybe pipelined) request is read.
 
-use super::conn::{Client, Conn, Proto};
+use super::conn::{Client, Conn, HttpConn, Proto};
 use super::{ConnId, DRAINING, Daemon, Gen, Phase, Reply, breaker_outcome};
 use crate::activity::Level;
 use crate::engine::{Completion, EngineError, EngineErrorKind};
 use crate::http::openai::{self, ApiError, CompletionMeta, FinishReason};
-use crate::http::request::{Event, Head, Limits, RequestReader};
+use crate::http::request::{Event, Head};
 use crate::http::response::{self, JSON, PROMETHEUS_TEXT, ResponseHead, Status};
 use crate::http::route::{self, Endpoint};
 use crate::router::{BackendId, Outcome};
@@ -16,37 +16,6 @@ use crate::wire::{self, ErrorCode};
 
 /// Seconds a client told `queue_full` (429) is asked to wait before retrying.
 const RETRY_AFTER_SECS: u32 = 1;
-
-/// What an HTTP connection holds besides the common connection state.
-#[derive(Debug)]
-pub(super) struct HttpConn {
-    /// Bytes in, request heads and bodies out.
-    pub(super) reader: RequestReader,
-    /// The current request allows another one after it.
-    keep_alive: bool,
-    /// The current request is `HEAD`: the answer goes without its body.
-    head_only: bool,
-    /// The chunked head of a streamed answer is written: errors now go in the stream.
-    streaming: bool,
-    /// The head of the request whose body is being read.
-    head: Option<Head>,
-    /// The current stream's content-event prefix, built when the stream starts.
-    chunk_prefix: Vec<u8>,
-}
-
-impl HttpConn {
-    /// A connection with no request yet, reading under `limits`.
-    pub(super) fn new(limits: Limits) -> HttpConn {
-        HttpConn {
-            reader: RequestReader::new(limits),
-            keep_alive: true,
-            head_only: false,
-            streaming: false,
-            head: None,
-            chunk_prefix: Vec::new(),
-        }
-    }
-}
 
 /// Appends a piece of a streamed answer, writing the chunked head and the role event
 /// first if this is the first piece.
