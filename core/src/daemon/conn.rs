@@ -169,6 +169,7 @@ impl Conn {
         Conn { out: Vec::new(), sealed: VecDeque::new(), flush: Flush::Idle, closing: false, role }
     }
 
+    /// Whether anything is written and not yet handed to the shell.
     pub(super) fn has_output(&self) -> bool {
         !self.out.is_empty() || !self.sealed.is_empty()
     }
@@ -197,6 +198,7 @@ impl Conn {
         }
     }
 
+    /// The bytes of the next `Send`: the oldest sealed chunk, else all that is written.
     pub(super) fn next_send(&mut self) -> Vec<u8> {
         self.sealed.pop_front().unwrap_or_else(|| std::mem::take(&mut self.out))
     }
