@@ -21,12 +21,13 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, Peer, Transport};
 use inferd_core::engine::{Capabilities, Completion, EngineEvent};
 use inferd_core::redact::redact;
 use inferd_core::wire::{self, StopReason, Usage};
-use inferd_core::{ConnId, Daemon, GenId, Input, Output, Time};
+use inferd_core::{
+    BackendId, ConnId, Daemon, DaemonConfig, GenId, Input, ListenerKind, Output, Peer, Time,
+    Transport,
+};
 
 const LINE: &[u8] =
     br#"{"id":"r1","messages":[{"role":"user","content":"hello there"}],"max_tokens":16}"#;
@@ -83,7 +84,7 @@ fn ready_daemon(clock: &mut Clock) -> (Daemon, Sink, ConnId) {
     let mut sink = Sink::default();
     d.handle(
         clock.tick(),
-        Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() },
+        Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() },
     );
     sink.drain(&mut d);
     assert!(d.is_ready(), "daemon not ready after BackendLoaded");

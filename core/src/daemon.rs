@@ -14,11 +14,14 @@ use crate::engine::{
 use crate::framing::{Line, LineDecoder};
 use crate::http::openai::CompletionMeta;
 use crate::http::request::Limits as HttpLimits;
-use crate::router::{Outcome, Route, Router};
+use crate::router::{BackendId, Outcome, Route, Router};
 use crate::stop::{StopMatcher, TokenText};
 use crate::time::Time;
 use crate::wire::{
     self, AuthLine, DoneFrame, ErrorCode, GenerateRequest, Request, StopReason, Timings,
+};
+use conn::{
+    Auth, Client, Conn, Flush, HttpConn, Ndjson, Proto, ReadSide, Role, Subscriber, enqueue_flush,
 };
 
 /// A connection, named by the shell when it accepts it (unique for the daemon's life).
@@ -124,29 +127,29 @@ pub enum Input<'a> {
     },
     /// A backend moved to a new loading phase.
     BackendPhase {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// The phase.
         phase: LoadPhase,
     },
     /// A backend finished loading and is ready.
     BackendLoaded {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// What it can do.
         capabilities: Capabilities,
     },
     /// A backend failed to load; the daemon cannot start.
     BackendFailed {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// Why.
         error: EngineError,
     },
     /// A loaded backend became ready or not ready.
     BackendReadiness {
-        /// Index in the configured priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// Whether it can take requests.
         ready: bool,
     },
@@ -182,8 +185,8 @@ pub enum Output {
     Start {
         /// The generation's name.
         generation: GenId,
-        /// Index of the backend in priority order.
-        backend: usize,
+        /// Which backend.
+        backend: BackendId,
         /// What to generate.
         request: GenerateRequest,
     },
@@ -234,17 +237,6 @@ impl ExitReason {
     /// Whether this is the orderly end after a shutdown request (not a failure).
     pub fn is_orderly(&self) -> bool {
         matches!(self, ExitReason::Drained)
-    }
-}
-
-/// Puts connection `id` on the flush queue unless it is queued already or a write is in
-/// flight (its `Flushed` queues it again). The one place that does; it takes the queue
-/// and the connection apart so that code already holding the connection (a token, an
-/// admin event) can call it without looking the connection up again.
-fn enqueue_flush(flush_queue: &mut VecDeque<ConnId>, id: ConnId, c: &mut Conn) {
-    if !c.in_flush_queue && c.writing_since.is_none() {
-        c.in_flush_queue = true;
-        flush_queue.push_back(id);
     }
 }
 
@@ -409,68 +401,6 @@ struct ReqState {
     reply: Reply,
     admitted: Time,
     phase: ReqPhase,
-}
-
-#[derive(Debug)]
-struct Conn {
-    kind: ListenerKind,
-    authed: bool,
-    /// Bytes after the auth line, held until the auth line is judged: the request behind
-    /// it is measured against the frame cap, not the 4 KiB auth cap. Never more than the
-    /// rest of the read that completed the auth line: it is judged in the same step.
-    pre_auth: Vec<u8>,
-    /// Before authentication: the unfinished line has a byte other than whitespace (a
-    /// blank line before the key line is not the key line).
-    auth_line_started: bool,
-    /// The last request whose terminal frame is written into the output but not yet
-    /// confirmed flushed: a write-stall drop says it was not delivered.
-    undelivered: Option<String>,
-    decoder: LineDecoder,
-    out: Vec<u8>,
-    /// Full chunks of output waiting behind the write in flight, oldest first.
-    sealed: VecDeque<Vec<u8>>,
-    /// A `Send` is outstanding, issued at this time.
-    writing_since: Option<Time>,
-    in_flush_queue: bool,
-    reading: bool,
-    read_closed: bool,
-    closing: bool,
-    partial_since: Option<Time>,
-    request: Option<ReqState>,
-    /// HTTP only: the request reader and the state of the answer in progress.
-    http: Option<Box<http::HttpConn>>,
-    /// Admin only: events appended since the last `Send`, and those in flight.
-    events_buffered: usize,
-    events_in_flight: usize,
-}
-
-/// Output is handed to the shell in chunks of about this size, so a write that takes
-/// longer than the write timeout means a client that stopped reading, not one whose
-/// backlog is simply large.
-const SEND_CHUNK: usize = 256 * 1024;
-
-impl Conn {
-    fn has_output(&self) -> bool {
-        !self.out.is_empty() || !self.sealed.is_empty()
-    }
-
-    /// Closes the current chunk once it is big enough; the next frames start a new one.
-    /// A single huge frame (a long `done`) is cut into chunks too, copying it once.
-    fn seal_if_full(&mut self) {
-        if self.out.len() < SEND_CHUNK {
-            return;
-        }
-        let whole = std::mem::take(&mut self.out);
-        if whole.len() < 2 * SEND_CHUNK {
-            self.sealed.push_back(whole);
-        } else {
-            self.sealed.extend(whole.chunks(SEND_CHUNK).map(<[u8]>::to_vec));
-        }
-    }
-
-    fn next_send(&mut self) -> Vec<u8> {
-        self.sealed.pop_front().unwrap_or_else(|| std::mem::take(&mut self.out))
-    }
 }
 
 #[derive(Debug)]
@@ -646,12 +576,17 @@ impl Daemon {
         while let Some(id) = self.flush_queue.pop_front() {
             let now = self.now;
             let Some(c) = self.conns.get_mut(&id) else { continue };
-            c.in_flush_queue = false;
-            if c.writing_since.is_some() || !c.has_output() {
+            if c.flush != Flush::Queued {
                 continue;
             }
-            c.writing_since = Some(now);
-            c.events_in_flight = std::mem::take(&mut c.events_buffered);
+            if !c.has_output() {
+                c.flush = Flush::Idle;
+                continue;
+            }
+            c.flush = Flush::Writing { since: now };
+            if let Role::Admin(sub) = &mut c.role {
+                sub.in_flight = std::mem::take(&mut sub.buffered);
+            }
             let bytes = c.next_send();
             let arm =
                 !self.timers.is_set(TimerKey::WriteStall(id)) && !self.cfg.write_timeout.is_zero();
@@ -723,14 +658,7 @@ impl Daemon {
     /// lines, bytes waiting for an auth verdict). Bounded by the larger of the frame cap
     /// and the auth cap, plus one CR and one read: what the simulator checks.
     pub fn max_input_held(&self) -> usize {
-        self.conns
-            .values()
-            .map(|c| {
-                let http = c.http.as_ref().map_or(0, |h| h.reader.buffered());
-                c.decoder.buffered() + c.pre_auth.len() + http
-            })
-            .max()
-            .unwrap_or(0)
+        self.conns.values().map(Conn::input_held).max().unwrap_or(0)
     }
 
     // ---- connections -------------------------------------------------------------
@@ -766,27 +694,18 @@ impl Daemon {
             return;
         }
         let cap = if needs_auth { MAX_AUTH_LINE_BYTES } else { self.cfg.max_frame_bytes };
-        let mut conn = Conn {
-            kind: listener,
-            authed: !needs_auth,
-            pre_auth: Vec::new(),
-            auth_line_started: false,
-            undelivered: None,
-            decoder: LineDecoder::new(cap),
-            out: Vec::new(),
-            sealed: VecDeque::new(),
-            writing_since: None,
-            in_flush_queue: false,
-            reading: false,
-            read_closed: false,
-            closing: false,
-            partial_since: None,
-            request: None,
-            http: (listener == ListenerKind::Http).then(|| {
-                Box::new(http::HttpConn::new(HttpLimits::with_max_body(self.cfg.max_frame_bytes)))
+        let proto = match listener {
+            ListenerKind::Http => Proto::Http(Box::new(HttpConn::new(HttpLimits::with_max_body(
+                self.cfg.max_frame_bytes,
+            )))),
+            _ => Proto::Ndjson(Ndjson {
+                decoder: LineDecoder::new(cap),
+                auth: if needs_auth {
+                    Auth::Pending { line_started: false, held: Vec::new() }
+                } else {
+                    Auth::Done
+                },
             }),
-            events_buffered: 0,
-            events_in_flight: 0,
         };
         match listener {
             ListenerKind::Inference | ListenerKind::Http => {
@@ -803,7 +722,14 @@ impl Daemon {
                     .opt_num("peer_uid", peer.uid.map(u64::from))
                     .opt_num("peer_pid", peer.pid.map(u64::from));
                 self.log(rec);
-                conn.reading = true;
+                let conn = Conn::new(Role::Client(Client {
+                    // The `Read` below.
+                    read: ReadSide::Reading,
+                    partial_since: None,
+                    request: None,
+                    undelivered: None,
+                    proto,
+                }));
                 self.conns.insert(id, conn);
                 self.outputs.push_back(Output::Read { conn: id });
                 if needs_auth && !self.cfg.auth_timeout.is_zero() {
@@ -813,9 +739,9 @@ impl Daemon {
             }
             ListenerKind::Admin => {
                 // Replay: capabilities so far, then one snapshot, then live events.
+                let mut conn = Conn::new(Role::Admin(Subscriber { buffered: 1, in_flight: 0 }));
                 conn.out.extend_from_slice(&self.capabilities_frames);
                 admin::encode_state(&mut conn.out, &self.admin_state);
-                conn.events_buffered = 1;
                 self.conns.insert(id, conn);
                 self.admin_conns.push(id);
                 self.queue_flush(id);
@@ -825,41 +751,44 @@ impl Daemon {
 
     fn on_received(&mut self, id: ConnId, bytes: &[u8]) {
         let Some(c) = self.conns.get_mut(&id) else { return };
-        c.reading = false;
-        if c.kind == ListenerKind::Admin || c.closing {
+        let Role::Client(cl) = &mut c.role else { return };
+        if cl.read == ReadSide::Reading {
+            cl.read = ReadSide::Idle;
+        }
+        if c.closing {
             return;
         }
-        if let Some(h) = c.http.as_mut() {
-            h.reader.push(bytes);
-        } else if c.authed {
-            c.decoder.push(bytes);
-        } else {
-            // Up to the end of the first non-blank line goes to the decoder (under the
-            // auth cap); the rest waits for the verdict, which comes in this same step.
-            let mut key_line_end = None;
-            for (i, &b) in bytes.iter().enumerate() {
-                match b {
-                    b'\n' if c.auth_line_started => {
-                        key_line_end = Some(i + 1);
-                        break;
+        match &mut cl.proto {
+            Proto::Http(h) => h.reader.push(bytes),
+            Proto::Ndjson(Ndjson { decoder, auth: Auth::Done }) => decoder.push(bytes),
+            Proto::Ndjson(Ndjson { decoder, auth: Auth::Pending { line_started, held } }) => {
+                // Up to the end of the first non-blank line goes to the decoder (under the
+                // auth cap); the rest waits for the verdict, which comes in this same step.
+                let mut key_line_end = None;
+                for (i, &b) in bytes.iter().enumerate() {
+                    match b {
+                        b'\n' if *line_started => {
+                            key_line_end = Some(i + 1);
+                            break;
+                        }
+                        b'\n' | b' ' | b'\t' | b'\r' => {}
+                        _ => *line_started = true,
                     }
-                    b'\n' | b' ' | b'\t' | b'\r' => {}
-                    _ => c.auth_line_started = true,
                 }
+                let end = key_line_end.unwrap_or(bytes.len());
+                if key_line_end.is_some() {
+                    *line_started = false;
+                }
+                decoder.push(&bytes[..end]);
+                held.extend_from_slice(&bytes[end..]);
             }
-            let end = key_line_end.unwrap_or(bytes.len());
-            if key_line_end.is_some() {
-                c.auth_line_started = false;
-            }
-            c.decoder.push(&bytes[..end]);
-            c.pre_auth.extend_from_slice(&bytes[end..]);
         }
         self.process_lines(id);
     }
 
     /// TCP connections still owing their key line.
     fn unauthenticated(&self) -> usize {
-        self.conns.values().filter(|c| !c.authed).count()
+        self.conns.values().filter(|c| c.awaits_auth()).count()
     }
 
     /// How many connections may be waiting to authenticate at once: a quarter of
@@ -874,9 +803,11 @@ impl Daemon {
         if self.admin_conns.len() < self.cfg.max_admin_subscribers {
             return true;
         }
-        let lagging = self.admin_conns.iter().copied().find(|id| {
-            self.conns.get(id).is_some_and(|c| c.writing_since.is_some() || c.has_output())
-        });
+        let lagging = self
+            .admin_conns
+            .iter()
+            .copied()
+            .find(|id| self.conns.get(id).is_some_and(|c| c.is_writing() || c.has_output()));
         let Some(oldest) = lagging else {
             let rec = self
                 .record(Level::Warn, "admin_subscriber_refused")
@@ -893,10 +824,9 @@ impl Daemon {
     }
 
     fn on_read_closed(&mut self, id: ConnId) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
-        c.reading = false;
-        c.read_closed = true;
-        if c.kind.serves_requests() && c.request.is_none() {
+        let Some(cl) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) else { return };
+        cl.read = ReadSide::Eof;
+        if cl.request.is_none() {
             self.process_lines(id);
         }
     }
@@ -904,17 +834,20 @@ impl Daemon {
     /// Takes request lines off the connection while it has no request in progress,
     /// then asks for more bytes, or closes when the peer has finished sending.
     fn process_lines(&mut self, id: ConnId) {
-        if self.conns.get(&id).is_some_and(|c| c.http.is_some()) {
+        if self.conns.get(&id).is_some_and(|c| c.role.http().is_some()) {
             self.process_http(id);
             return;
         }
         loop {
             let Some(c) = self.conns.get_mut(&id) else { return };
-            if c.request.is_some() || c.closing {
+            let closing = c.closing;
+            let Some(cl) = c.role.client_mut() else { return };
+            let Proto::Ndjson(n) = &mut cl.proto else { return };
+            if cl.request.is_some() || closing {
                 return;
             }
-            let authed = c.authed;
-            let line = match c.decoder.next_line() {
+            let authed = n.auth == Auth::Done;
+            let line = match n.decoder.next_line() {
                 None => break,
                 Some(Line::TooLarge) => LineIn::TooLarge,
                 Some(Line::Complete(line)) if authed => LineIn::Request(wire::decode_request(line)),
@@ -944,12 +877,12 @@ impl Daemon {
                                 && wire::constant_time_eq(a.key.as_bytes(), key) =>
                         {
                             let cap = self.cfg.max_frame_bytes;
-                            if let Some(c) = self.conns.get_mut(&id) {
-                                c.authed = true;
-                                c.auth_line_started = false;
-                                c.decoder.set_cap(cap);
-                                let rest = std::mem::take(&mut c.pre_auth);
-                                c.decoder.push(&rest);
+                            if let Some(n) = self.conns.get_mut(&id).and_then(Conn::ndjson_mut) {
+                                let auth = std::mem::replace(&mut n.auth, Auth::Done);
+                                n.decoder.set_cap(cap);
+                                if let Auth::Pending { held, .. } = auth {
+                                    n.decoder.push(&held);
+                                }
                             }
                         }
                         _ => self.reject_auth(id),
@@ -966,8 +899,8 @@ impl Daemon {
             }
         }
         // Out of complete lines: ask for more, or finish a half-closed connection.
-        let Some(c) = self.conns.get(&id) else { return };
-        let partial = c.decoder.has_partial();
+        let Some(n) = self.conns.get(&id).and_then(Conn::ndjson) else { return };
+        let partial = n.decoder.has_partial();
         self.await_more(id, partial, true);
     }
 
@@ -978,26 +911,28 @@ impl Daemon {
         let now = self.now;
         let read_timeout = self.cfg.read_timeout;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        if c.request.is_some() || c.closing {
+        let closing = c.closing;
+        let Some(cl) = c.role.client_mut() else { return };
+        if cl.request.is_some() || closing {
             return;
         }
-        if c.read_closed {
+        if cl.read == ReadSide::Eof {
             self.close_after_flush(id);
             return;
         }
         if partial {
-            if c.partial_since.is_none() {
-                c.partial_since = Some(now);
+            if cl.partial_since.is_none() {
+                cl.partial_since = Some(now);
                 if !read_timeout.is_zero() && !self.timers.is_set(TimerKey::ReadIdle(id)) {
                     self.arm(now + read_timeout, TimerKey::ReadIdle(id));
                 }
             }
         } else {
-            c.partial_since = None;
+            cl.partial_since = None;
         }
-        let Some(c) = self.conns.get_mut(&id) else { return };
-        if wants && !c.reading {
-            c.reading = true;
+        let Some(cl) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) else { return };
+        if wants && cl.read == ReadSide::Idle {
+            cl.read = ReadSide::Reading;
             self.outputs.push_back(Output::Read { conn: id });
         }
     }
@@ -1011,17 +946,21 @@ impl Daemon {
     fn close_after_flush(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else { return };
         c.closing = true;
-        if !c.has_output() && c.writing_since.is_none() {
+        if !c.has_output() && !c.is_writing() {
             self.finish_conn(id);
         }
     }
 
     fn on_flushed(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else { return };
-        c.writing_since = None;
-        c.events_in_flight = 0;
-        if !c.has_output() {
-            c.undelivered = None;
+        if c.is_writing() {
+            c.flush = Flush::Idle;
+        }
+        let has_output = c.has_output();
+        match &mut c.role {
+            Role::Admin(sub) => sub.in_flight = 0,
+            Role::Client(cl) if !has_output => cl.undelivered = None,
+            Role::Client(_) => {}
         }
         if c.has_output() {
             self.queue_flush(id);
@@ -1032,8 +971,8 @@ impl Daemon {
 
     /// The peer is gone or must be dropped: cancel its request, free its place, close.
     fn drop_conn(&mut self, id: ConnId) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
-        if let Some(req) = c.request.take() {
+        let cl = self.conns.get_mut(&id).and_then(|c| c.role.client_mut());
+        if let Some(req) = cl.and_then(|cl| cl.request.take()) {
             self.cancel_request(id, req);
         }
         self.finish_conn(id);
@@ -1045,7 +984,7 @@ impl Daemon {
         self.timers.stop(TimerKey::WriteStall(id));
         self.timers.stop(TimerKey::ReadIdle(id));
         self.timers.stop(TimerKey::AuthDeadline(id));
-        if c.kind.serves_requests() {
+        if c.is_client() {
             self.inference_conns -= 1;
             self.stats_dirty = true;
         } else {
@@ -1065,7 +1004,7 @@ impl Daemon {
     }
 
     fn send_error(&mut self, id: ConnId, req_id: &str, code: ErrorCode, message: &str) {
-        if self.conns.get(&id).is_some_and(|c| c.http.is_some()) {
+        if self.conns.get(&id).is_some_and(|c| c.role.http().is_some()) {
             self.http_error(id, &crate::http::openai::ApiError::from_code(code, message), None);
             return;
         }
@@ -1136,7 +1075,7 @@ impl Daemon {
         stop: StopMatcher,
     ) {
         let now = self.now;
-        let Some(c) = self.conns.get_mut(&id) else { return };
+        let Some(c) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) else { return };
         c.partial_since = None;
         match self.admission.admit(id) {
             Admit::Run => {
@@ -1184,8 +1123,8 @@ impl Daemon {
                 "no backend is ready"
             };
             self.reject(id, &req_id, ErrorCode::BackendUnavailable, msg);
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.request = None;
+            if let Some(cl) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) {
+                cl.request = None;
             }
             self.release_place();
             self.process_lines(id);
@@ -1211,8 +1150,8 @@ impl Daemon {
                 tokens_sent: 0,
             },
         );
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.request = Some(ReqState {
+        if let Some(cl) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) {
+            cl.request = Some(ReqState {
                 id: req_id,
                 stream,
                 reply,
@@ -1232,7 +1171,7 @@ impl Daemon {
         self.stats_dirty = true;
         let mut next = self.admission.release();
         while let Some(id) = next.take() {
-            let Some(c) = self.conns.get_mut(&id) else {
+            let Some(c) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) else {
                 next = self.admission.release();
                 continue;
             };
@@ -1334,8 +1273,10 @@ impl Daemon {
                     match g.reply {
                         Reply::Ndjson => encode_token_capped(&mut c.out, &g.req_id, piece, cap),
                         Reply::Http { created, .. } => {
-                            let model =
-                                self.backends.get(g.route.backend).map_or("?", |b| b.name.as_str());
+                            let model = self
+                                .backends
+                                .get(g.route.backend.0)
+                                .map_or("?", |b| b.name.as_str());
                             let meta = CompletionMeta { id: &g.req_id, created, model };
                             http::write_stream_piece(c, &meta, piece);
                         }
@@ -1356,7 +1297,9 @@ impl Daemon {
         self.duration_hist.observe(self.now.saturating_since(g.admitted));
         if let Some(c) = self.conns.get_mut(&conn) {
             c.seal_if_full();
-            c.undelivered = Some(g.req_id.clone());
+            if let Some(cl) = c.role.client_mut() {
+                cl.undelivered = Some(g.req_id.clone());
+            }
         }
         self.router.report(g.route, outcome, self.now);
         self.queue_flush(conn);
@@ -1417,7 +1360,7 @@ impl Daemon {
             self.finish_http_gen(g, conn, start, result);
             return;
         }
-        let backend = self.backends[g.route.backend].name.clone();
+        let backend = self.backends[g.route.backend.0].name.clone();
         let timings = Timings {
             queued_ms: g.started.millis_since(g.admitted),
             ttft_ms: g.first_token.unwrap_or(now).millis_since(g.admitted),
@@ -1426,7 +1369,9 @@ impl Daemon {
         let cap = self.cfg.max_frame_bytes;
         let draining = self.phase == Phase::Draining;
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        c.request = None;
+        if let Some(cl) = c.role.client_mut() {
+            cl.request = None;
+        }
         if g.stream && g.content.len() > start {
             encode_token_capped(&mut c.out, &g.req_id, &g.content[start..], cap);
         }
@@ -1510,12 +1455,12 @@ impl Daemon {
 
     // ---- backends, admin, stats ----------------------------------------------------
 
-    fn backend_name(&self, backend: usize) -> &str {
-        self.backends.get(backend).map_or("?", |b| b.name.as_str())
+    fn backend_name(&self, backend: BackendId) -> &str {
+        self.backends.get(backend.0).map_or("?", |b| b.name.as_str())
     }
 
-    fn on_loaded(&mut self, backend: usize, mut caps: Capabilities) {
-        let Some(info) = self.backends.get_mut(backend) else { return };
+    fn on_loaded(&mut self, backend: BackendId, mut caps: Capabilities) {
+        let Some(info) = self.backends.get_mut(backend.0) else { return };
         info.loaded = true;
         caps.backend = info.name.clone();
         let mut frame = Vec::new();
@@ -1543,12 +1488,13 @@ impl Daemon {
         let mut laggards = Vec::new();
         for id in &self.admin_conns {
             if let Some(c) = self.conns.get_mut(id) {
+                let Role::Admin(sub) = &mut c.role else { continue };
                 if c.closing {
                     continue;
                 }
                 c.out.extend_from_slice(frame);
-                c.events_buffered += 1;
-                if c.events_buffered + c.events_in_flight > limit {
+                sub.buffered += 1;
+                if sub.buffered + sub.in_flight > limit {
                     laggards.push(*id);
                 } else {
                     enqueue_flush(&mut self.flush_queue, *id, c);
@@ -1575,7 +1521,7 @@ impl Daemon {
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| (b.name.as_str(), self.router.breaker_state(i, now).as_str()))
+            .map(|(i, b)| (b.name.as_str(), self.router.breaker_state(BackendId(i), now).as_str()))
             .collect();
         let mut frame = Vec::new();
         admin::encode_stats(
@@ -1614,12 +1560,12 @@ impl Daemon {
             TimerKey::WriteStall(id) => {
                 let timeout = self.cfg.write_timeout;
                 let Some(c) = self.conns.get_mut(&id) else { return };
-                match c.writing_since {
-                    Some(since) if now.saturating_since(since) >= timeout => {
+                match c.flush {
+                    Flush::Writing { since } if now.saturating_since(since) >= timeout => {
                         // The activity log must not leave `request_done` as the last word
                         // on output the client never received.
-                        let pending = c.sealed.iter().map(Vec::len).sum::<usize>() + c.out.len();
-                        let undelivered = c.undelivered.take();
+                        let pending = c.unsent_bytes();
+                        let undelivered = c.role.client_mut().and_then(|cl| cl.undelivered.take());
                         let rec = self
                             .record(Level::Warn, "write_timeout")
                             .opt_str("undelivered_req_id", undelivered.as_deref())
@@ -1627,14 +1573,14 @@ impl Daemon {
                         self.log(rec);
                         self.drop_conn(id);
                     }
-                    Some(since) => {
+                    Flush::Writing { since } => {
                         self.arm(since + timeout, TimerKey::WriteStall(id));
                     }
-                    None => {}
+                    Flush::Idle | Flush::Queued => {}
                 }
             }
             TimerKey::AuthDeadline(id) => {
-                if self.conns.get(&id).is_some_and(|c| !c.authed && !c.closing) {
+                if self.conns.get(&id).is_some_and(|c| c.awaits_auth() && !c.closing) {
                     let rec = self.record(Level::Warn, "tcp_auth_timeout");
                     self.log(rec);
                     self.drop_conn(id);
@@ -1642,7 +1588,7 @@ impl Daemon {
             }
             TimerKey::ReadIdle(id) => {
                 let timeout = self.cfg.read_timeout;
-                let Some(c) = self.conns.get_mut(&id) else { return };
+                let Some(c) = self.conns.get(&id).and_then(|c| c.role.client()) else { return };
                 match c.partial_since {
                     Some(since)
                         if c.request.is_none() && now.saturating_since(since) >= timeout =>
@@ -1678,12 +1624,8 @@ impl Daemon {
             TimerKey::DrainGrace => {
                 // The overall exit deadline: admin subscribers had their chance too. They are
                 // closed in `maybe_exit`, after what is already writable went out.
-                let ids: Vec<ConnId> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.kind.serves_requests())
-                    .map(|(id, _)| *id)
-                    .collect();
+                let ids: Vec<ConnId> =
+                    self.conns.iter().filter(|(_, c)| c.is_client()).map(|(id, _)| *id).collect();
                 for id in ids {
                     self.drop_conn(id);
                 }
@@ -1707,8 +1649,8 @@ impl Daemon {
         // Queued requests get `backend_unavailable` and their connection closes.
         let waiting: Vec<ConnId> = self.admission.drain_waiting().collect();
         for id in waiting {
-            let Some(c) = self.conns.get_mut(&id) else { continue };
-            if let Some(req) = c.request.take() {
+            let cl = self.conns.get_mut(&id).and_then(|c| c.role.client_mut());
+            if let Some(req) = cl.and_then(|cl| cl.request.take()) {
                 self.reject(id, &req.id, ErrorCode::BackendUnavailable, DRAINING);
             }
             self.close_after_flush(id);
@@ -1717,7 +1659,7 @@ impl Daemon {
         let idle: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.kind.serves_requests() && c.request.is_none())
+            .filter(|(_, c)| c.role.client().is_some_and(|cl| cl.request.is_none()))
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -1737,13 +1679,17 @@ impl Daemon {
             .conns
             .iter()
             .filter(|(_, c)| {
-                matches!(c.request, Some(ReqState { phase: ReqPhase::Running(_), .. }))
+                c.role.client().is_some_and(|cl| {
+                    matches!(cl.request, Some(ReqState { phase: ReqPhase::Running(_), .. }))
+                })
             })
             .map(|(id, _)| *id)
             .collect();
         for id in running {
-            let Some(c) = self.conns.get_mut(&id) else { continue };
-            let Some(req) = c.request.take() else { continue };
+            let Some(cl) = self.conns.get_mut(&id).and_then(|c| c.role.client_mut()) else {
+                continue;
+            };
+            let Some(req) = cl.request.take() else { continue };
             let req_id = req.id.clone();
             self.cancel_request(id, req);
             self.send_error(
@@ -1760,7 +1706,7 @@ impl Daemon {
         if self.phase != Phase::Draining {
             return;
         }
-        let inference_left = self.conns.values().any(|c| c.kind.serves_requests());
+        let inference_left = self.conns.values().any(Conn::is_client);
         if !self.exit_requested && (inference_left || !self.gens.is_empty()) {
             return;
         }
@@ -1848,6 +1794,7 @@ fn no_stop() -> StopMatcher {
     }
 }
 
+mod conn;
 mod http;
 
 #[cfg(test)]

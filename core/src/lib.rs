@@ -1,10 +1,10 @@
 //! The sans-IO core of inferd.
 //!
 //! Everything the daemon decides lives here as plain state machines: no sockets, no
-//! clock, no threads. Shells feed [`daemon::Input`]s into [`daemon::Daemon::handle`] with
-//! the current [`time::Time`], then drain [`daemon::Daemon::poll_output`] and sleep until
-//! [`daemon::Daemon::poll_timeout`]. The same core runs under smol, tokio, a hand-written
-//! mio loop, and the deterministic simulator.
+//! clock, no threads. Shells feed [`Input`]s into [`Daemon::handle`] with the current
+//! [`Time`], then drain [`Daemon::poll_output`] and sleep until [`Daemon::poll_timeout`].
+//! The same core runs under smol, tokio, a hand-written mio loop, and the deterministic
+//! simulator.
 //!
 //! Comments citing "spec §N" refer to the sections of the protocol description,
 //! `docs/protocol.md` at the root of the repository.
@@ -16,22 +16,39 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// The APIs engines and shells build on.
 pub mod activity;
-pub mod admin;
-pub mod admission;
-pub mod config;
-pub mod daemon;
 pub mod engine;
-pub mod framing;
-pub mod http;
-pub mod metrics;
 pub mod redact;
-pub mod router;
 pub mod sse;
-pub mod stop;
-pub mod time;
-pub mod utf8;
 pub mod wire;
 
-pub use daemon::{ConnId, Daemon, ExitReason, GenId, Input, Output};
+// Parts the daemon is built from. Public only so that the property tests, fuzz targets
+// and benchmarks of this workspace can drive them directly; hidden from the docs because
+// they are not an API anyone else should depend on.
+#[doc(hidden)]
+pub mod admin;
+#[doc(hidden)]
+pub mod admission;
+#[doc(hidden)]
+pub mod framing;
+#[doc(hidden)]
+pub mod http;
+#[doc(hidden)]
+pub mod router;
+#[doc(hidden)]
+pub mod stop;
+
+mod config;
+mod daemon;
+mod metrics;
+mod time;
+mod utf8;
+
+pub use config::{BACKEND_KINDS, BackendSpec, ConfigError, DaemonConfig, Settings, default_name};
+pub use daemon::{
+    ConnId, Daemon, ExitReason, GenId, Input, ListenerKind, MAX_AUTH_LINE_BYTES, Output, Peer,
+    Stats, Transport,
+};
+pub use router::{BackendId, BreakerPolicy, BreakerState};
 pub use time::Time;

@@ -52,6 +52,7 @@ impl Histogram {
     }
 
     /// How many observations there are.
+    #[cfg(test)] // Only the tests ask; the module is private to the crate.
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
     }

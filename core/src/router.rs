@@ -72,11 +72,21 @@ pub enum Outcome {
     SharedFailure(u64),
 }
 
+/// A backend, named by its index in the configured priority order (0 is tried first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(pub usize);
+
+impl std::fmt::Display for BackendId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Where a request was sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
-    /// Index in priority order.
-    pub backend: usize,
+    /// Which backend.
+    pub backend: BackendId,
     /// Whether this request is the half-open trial.
     pub trial: bool,
 }
@@ -140,15 +150,15 @@ impl Router {
     }
 
     /// Marks a backend ready or not.
-    pub fn set_ready(&mut self, backend: usize, ready: bool) {
-        if let Some(b) = self.backends.get_mut(backend) {
+    pub fn set_ready(&mut self, backend: BackendId, ready: bool) {
+        if let Some(b) = self.backends.get_mut(backend.0) {
             b.ready = ready;
         }
     }
 
     /// Whether a backend is ready.
-    pub fn is_ready(&self, backend: usize) -> bool {
-        self.backends.get(backend).is_some_and(|b| b.ready)
+    pub fn is_ready(&self, backend: BackendId) -> bool {
+        self.backends.get(backend.0).is_some_and(|b| b.ready)
     }
 
     /// Whether every backend is ready.
@@ -169,10 +179,12 @@ impl Router {
                 b.breaker = Breaker::HalfOpen { trial_in_flight: false };
             }
             match &mut b.breaker {
-                Breaker::Closed { .. } => return Some(Route { backend: i, trial: false }),
+                Breaker::Closed { .. } => {
+                    return Some(Route { backend: BackendId(i), trial: false });
+                }
                 Breaker::HalfOpen { trial_in_flight } if !*trial_in_flight => {
                     *trial_in_flight = true;
-                    return Some(Route { backend: i, trial: true });
+                    return Some(Route { backend: BackendId(i), trial: true });
                 }
                 _ => {}
             }
@@ -183,7 +195,7 @@ impl Router {
     /// Records how a routed request ended.
     pub fn report(&mut self, route: Route, outcome: Outcome, now: Time) {
         let policy = self.policy;
-        let Some(b) = self.backends.get_mut(route.backend) else { return };
+        let Some(b) = self.backends.get_mut(route.backend.0) else { return };
         let (outcome, incident) = match outcome {
             // Counted already when another request of the incident reported it. A trial
             // always settles (the half-open state waits for it), so it counts anyway.
@@ -226,8 +238,8 @@ impl Router {
     /// (the failure that carries it is reported as usual); it makes an open breaker,
     /// whether open already or opened by a later failure, stay open at least until
     /// then. A later, earlier hint does not shorten an earlier, later one.
-    pub fn retry_after(&mut self, backend: usize, not_before: Time) {
-        let Some(b) = self.backends.get_mut(backend) else { return };
+    pub fn retry_after(&mut self, backend: BackendId, not_before: Time) {
+        let Some(b) = self.backends.get_mut(backend.0) else { return };
         let latest = b.not_before.map_or(not_before, |t| t.max(not_before));
         b.not_before = Some(latest);
         if let Breaker::Open { until } = &mut b.breaker {
@@ -236,8 +248,8 @@ impl Router {
     }
 
     /// A backend's breaker state at `now` (an expired cooldown reads as half-open).
-    pub fn breaker_state(&self, backend: usize, now: Time) -> BreakerState {
-        match self.backends.get(backend).map(|b| &b.breaker) {
+    pub fn breaker_state(&self, backend: BackendId, now: Time) -> BreakerState {
+        match self.backends.get(backend.0).map(|b| &b.breaker) {
             Some(Breaker::Open { until }) if now < *until => BreakerState::Open,
             Some(Breaker::Open { .. }) | Some(Breaker::HalfOpen { .. }) => BreakerState::HalfOpen,
             _ => BreakerState::Closed,
@@ -260,6 +272,9 @@ impl Router {
 mod tests {
     use super::*;
 
+    const B0: BackendId = BackendId(0);
+    const B1: BackendId = BackendId(1);
+
     fn t(s: u64) -> Time {
         Time::from_secs(s)
     }
@@ -267,7 +282,7 @@ mod tests {
     fn ready_router(n: usize) -> Router {
         let mut r = Router::new(n, BreakerPolicy::default());
         for i in 0..n {
-            r.set_ready(i, true);
+            r.set_ready(BackendId(i), true);
         }
         r
     }
@@ -279,55 +294,55 @@ mod tests {
         assert_eq!((r.len(), r.is_empty()), (2, false));
         assert!(!r.all_ready());
         assert_eq!(r.route(t(0)), None);
-        r.set_ready(1, true);
-        assert_eq!(r.route(t(0)), Some(Route { backend: 1, trial: false }));
-        r.set_ready(0, true);
+        r.set_ready(B1, true);
+        assert_eq!(r.route(t(0)), Some(Route { backend: B1, trial: false }));
+        r.set_ready(B0, true);
         assert!(r.all_ready());
-        assert_eq!(r.route(t(0)), Some(Route { backend: 0, trial: false }));
+        assert_eq!(r.route(t(0)), Some(Route { backend: B0, trial: false }));
     }
 
     #[test]
     fn opens_after_threshold_within_window() {
         let mut r = ready_router(2);
-        let route = Route { backend: 0, trial: false };
+        let route = Route { backend: B0, trial: false };
         r.report(route, Outcome::Failure, t(0));
         r.report(route, Outcome::Failure, t(10));
-        assert_eq!(r.breaker_state(0, t(10)), BreakerState::Closed);
+        assert_eq!(r.breaker_state(B0, t(10)), BreakerState::Closed);
         r.report(route, Outcome::Failure, t(20));
-        assert_eq!(r.breaker_state(0, t(20)), BreakerState::Open);
-        assert_eq!(r.route(t(21)), Some(Route { backend: 1, trial: false }));
+        assert_eq!(r.breaker_state(B0, t(20)), BreakerState::Open);
+        assert_eq!(r.route(t(21)), Some(Route { backend: B1, trial: false }));
         assert_eq!(r.next_cooldown_end(t(21)), Some(t(50)));
         assert_eq!(r.next_cooldown_end(t(50)), None);
         // The cooldown is over at its end, not one tick later.
-        assert_eq!(r.breaker_state(0, t(49)), BreakerState::Open);
-        assert_eq!(r.breaker_state(0, t(50)), BreakerState::HalfOpen);
+        assert_eq!(r.breaker_state(B0, t(49)), BreakerState::Open);
+        assert_eq!(r.breaker_state(B0, t(50)), BreakerState::HalfOpen);
     }
 
     #[test]
     fn failures_outside_window_do_not_count() {
         let mut r = ready_router(1);
-        let route = Route { backend: 0, trial: false };
+        let route = Route { backend: B0, trial: false };
         r.report(route, Outcome::Failure, t(0));
         r.report(route, Outcome::Failure, t(30));
         r.report(route, Outcome::Failure, t(61));
-        assert_eq!(r.breaker_state(0, t(61)), BreakerState::Closed);
+        assert_eq!(r.breaker_state(B0, t(61)), BreakerState::Closed);
         r.report(route, Outcome::Failure, t(62));
-        assert_eq!(r.breaker_state(0, t(62)), BreakerState::Open);
+        assert_eq!(r.breaker_state(B0, t(62)), BreakerState::Open);
     }
 
     #[test]
     fn neutral_and_success_do_not_count() {
         let mut r = ready_router(1);
-        let route = Route { backend: 0, trial: false };
+        let route = Route { backend: B0, trial: false };
         for i in 0..10 {
             r.report(route, Outcome::Neutral, t(i));
             r.report(route, Outcome::Success, t(i));
         }
-        assert_eq!(r.breaker_state(0, t(10)), BreakerState::Closed);
+        assert_eq!(r.breaker_state(B0, t(10)), BreakerState::Closed);
     }
 
     fn open(r: &mut Router, at: u64) {
-        let route = Route { backend: 0, trial: false };
+        let route = Route { backend: B0, trial: false };
         for _ in 0..3 {
             r.report(route, Outcome::Failure, t(at));
         }
@@ -342,8 +357,8 @@ mod tests {
         assert!(trial.trial);
         assert_eq!(r.route(t(30)), None, "second request during the trial");
         r.report(trial, Outcome::Success, t(31));
-        assert_eq!(r.breaker_state(0, t(31)), BreakerState::Closed);
-        assert_eq!(r.route(t(31)), Some(Route { backend: 0, trial: false }));
+        assert_eq!(r.breaker_state(B0, t(31)), BreakerState::Closed);
+        assert_eq!(r.route(t(31)), Some(Route { backend: B0, trial: false }));
     }
 
     #[test]
@@ -352,7 +367,7 @@ mod tests {
         open(&mut r, 0);
         let trial = r.route(t(30)).unwrap();
         r.report(trial, Outcome::Failure, t(35));
-        assert_eq!(r.breaker_state(0, t(35)), BreakerState::Open);
+        assert_eq!(r.breaker_state(B0, t(35)), BreakerState::Open);
         assert_eq!(r.route(t(64)), None);
         assert!(r.route(t(65)).unwrap().trial);
     }
@@ -363,7 +378,7 @@ mod tests {
         open(&mut r, 0);
         let trial = r.route(t(30)).unwrap();
         r.report(trial, Outcome::Neutral, t(31));
-        assert_eq!(r.breaker_state(0, t(31)), BreakerState::HalfOpen);
+        assert_eq!(r.breaker_state(B0, t(31)), BreakerState::HalfOpen);
         assert!(r.route(t(31)).unwrap().trial);
     }
 
@@ -372,34 +387,34 @@ mod tests {
         let mut r = ready_router(1);
         open(&mut r, 0);
         // A request routed before the breaker opened finishes late.
-        r.report(Route { backend: 0, trial: false }, Outcome::Success, t(1));
-        assert_eq!(r.breaker_state(0, t(1)), BreakerState::Open);
+        r.report(Route { backend: B0, trial: false }, Outcome::Success, t(1));
+        assert_eq!(r.breaker_state(B0, t(1)), BreakerState::Open);
     }
 
     #[test]
     fn retry_after_keeps_an_opening_breaker_open_longer() {
         // The hint comes with the failure that opens the breaker.
         let mut r = ready_router(2);
-        let route = Route { backend: 0, trial: false };
+        let route = Route { backend: B0, trial: false };
         r.report(route, Outcome::Failure, t(0));
         r.report(route, Outcome::Failure, t(1));
-        assert_eq!(r.breaker_state(0, t(2)), BreakerState::Closed, "a hint is not a failure");
-        r.retry_after(0, t(2) + Duration::from_secs(120));
-        assert_eq!(r.breaker_state(0, t(2)), BreakerState::Closed, "a hint is not a failure");
+        assert_eq!(r.breaker_state(B0, t(2)), BreakerState::Closed, "a hint is not a failure");
+        r.retry_after(B0, t(2) + Duration::from_secs(120));
+        assert_eq!(r.breaker_state(B0, t(2)), BreakerState::Closed, "a hint is not a failure");
         r.report(route, Outcome::Failure, t(2));
         assert_eq!(r.next_cooldown_end(t(2)), Some(t(122)));
-        assert_eq!(r.route(t(32)), Some(Route { backend: 1, trial: false }), "past the cooldown");
-        assert_eq!(r.breaker_state(0, t(121)), BreakerState::Open);
-        assert_eq!(r.route(t(122)), Some(Route { backend: 0, trial: true }));
+        assert_eq!(r.route(t(32)), Some(Route { backend: B1, trial: false }), "past the cooldown");
+        assert_eq!(r.breaker_state(B0, t(121)), BreakerState::Open);
+        assert_eq!(r.route(t(122)), Some(Route { backend: B0, trial: true }));
     }
 
     #[test]
     fn retry_after_extends_an_open_breaker_and_never_shortens_it() {
         let mut r = ready_router(1);
         open(&mut r, 0);
-        r.retry_after(0, t(90));
+        r.retry_after(B0, t(90));
         assert_eq!(r.next_cooldown_end(t(0)), Some(t(90)));
-        r.retry_after(0, t(5));
+        r.retry_after(B0, t(5));
         assert_eq!(r.next_cooldown_end(t(0)), Some(t(90)), "a shorter hint later");
         assert_eq!(r.route(t(89)), None);
         let trial = r.route(t(90)).unwrap();
@@ -407,7 +422,7 @@ mod tests {
         r.report(trial, Outcome::Failure, t(91));
         assert_eq!(r.next_cooldown_end(t(91)), Some(t(121)));
         // A hint shorter than the cooldown changes nothing.
-        r.retry_after(0, t(100));
+        r.retry_after(B0, t(100));
         assert_eq!(r.next_cooldown_end(t(91)), Some(t(121)));
     }
 
@@ -416,23 +431,23 @@ mod tests {
         // Threshold 3: four requests failed by one decode are one failure, not an open
         // breaker; two more incidents open it.
         let mut r = ready_router(2);
-        let route = Route { backend: 0, trial: false };
+        let route = Route { backend: B0, trial: false };
         for _ in 0..4 {
             r.report(route, Outcome::SharedFailure(7), t(0));
         }
-        assert_eq!(r.breaker_state(0, t(0)), BreakerState::Closed);
+        assert_eq!(r.breaker_state(B0, t(0)), BreakerState::Closed);
         r.report(route, Outcome::SharedFailure(8), t(1));
         r.report(route, Outcome::SharedFailure(8), t(1));
-        assert_eq!(r.breaker_state(0, t(1)), BreakerState::Closed);
+        assert_eq!(r.breaker_state(B0, t(1)), BreakerState::Closed);
         r.report(route, Outcome::SharedFailure(9), t(2));
-        assert_eq!(r.breaker_state(0, t(2)), BreakerState::Open);
+        assert_eq!(r.breaker_state(B0, t(2)), BreakerState::Open);
         // Incidents are per backend: the same number on another backend counts there.
-        let other = Route { backend: 1, trial: false };
+        let other = Route { backend: B1, trial: false };
         r.report(other, Outcome::SharedFailure(9), t(2));
         r.report(other, Outcome::Failure, t(2));
-        assert_eq!(r.breaker_state(1, t(2)), BreakerState::Closed);
+        assert_eq!(r.breaker_state(B1, t(2)), BreakerState::Closed);
         r.report(other, Outcome::SharedFailure(9), t(3));
-        assert_eq!(r.breaker_state(1, t(3)), BreakerState::Closed, "9 counted already on 1");
+        assert_eq!(r.breaker_state(B1, t(3)), BreakerState::Closed, "9 counted already on 1");
     }
 
     #[test]
@@ -442,10 +457,10 @@ mod tests {
         // A request routed while closed, failed by the same decode as the trial, reports
         // first: stale, so not counted, and the trial still settles the half-open state.
         let trial = r.route(t(30)).unwrap();
-        r.report(Route { backend: 0, trial: false }, Outcome::SharedFailure(1), t(31));
-        assert_eq!(r.breaker_state(0, t(31)), BreakerState::HalfOpen);
+        r.report(Route { backend: B0, trial: false }, Outcome::SharedFailure(1), t(31));
+        assert_eq!(r.breaker_state(B0, t(31)), BreakerState::HalfOpen);
         r.report(trial, Outcome::SharedFailure(1), t(31));
-        assert_eq!(r.breaker_state(0, t(31)), BreakerState::Open);
+        assert_eq!(r.breaker_state(B0, t(31)), BreakerState::Open);
         assert_eq!(r.next_cooldown_end(t(31)), Some(t(61)));
     }
 }

@@ -72,6 +72,7 @@ impl Utf8Assembler {
     }
 
     /// Whether bytes are held back.
+    #[cfg(test)] // Only the tests ask; the module is private to the crate.
     pub fn is_holding(&self) -> bool {
         !self.pending.is_empty()
     }

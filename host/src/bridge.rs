@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use async_channel::Sender;
 
 use crate::event::Event;
-use inferd_core::daemon::GenId;
 use inferd_core::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
+use inferd_core::{BackendId, GenId};
 
 struct Job {
     generation: GenId,
@@ -52,7 +52,8 @@ impl EnginePool {
 
     /// Loads every engine on a thread of its own, reporting phases and the outcome.
     pub fn load_all(&self) {
-        for (backend, engine) in self.engines.iter().enumerate() {
+        for (i, engine) in self.engines.iter().enumerate() {
+            let backend = BackendId(i);
             let engine = engine.clone();
             let events = self.events.clone();
             let spawned = std::thread::Builder::new().name(format!("inferd-load-{backend}")).spawn(
@@ -86,12 +87,12 @@ impl EnginePool {
     pub fn start(
         &self,
         generation: GenId,
-        backend: usize,
+        backend: BackendId,
         request: GenerateRequest,
         inline: &mut VecDeque<Event>,
     ) -> CancelFlag {
         let cancel = CancelFlag::new();
-        let Some(engine) = self.engines.get(backend).cloned() else {
+        let Some(engine) = self.engines.get(backend.0).cloned() else {
             let event = EngineEvent::Failed(EngineError::internal("no such backend"));
             inline.push_back(Event::Engine { generation, event });
             return cancel;

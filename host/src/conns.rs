@@ -27,8 +27,7 @@ use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
 use crate::event::Event;
-use inferd_core::daemon::{ConnId, ListenerKind, Peer, Transport};
-use inferd_core::time::Time;
+use inferd_core::{ConnId, ListenerKind, Peer, Time, Transport};
 
 /// Readiness events taken from the kernel per `epoll_wait`.
 const EPOLL_BATCH: usize = 256;

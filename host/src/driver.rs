@@ -24,10 +24,10 @@ pub use crate::event::Event;
 use crate::logfile::ActivityLogFile;
 use crate::socket;
 use crate::time::MonotonicClock;
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{Daemon, ExitReason, GenId, Input, ListenerKind, Output, Stats};
 use inferd_core::engine::{CancelFlag, Engine, EngineEvent};
-use inferd_core::time::Time;
+use inferd_core::{
+    Daemon, DaemonConfig, ExitReason, GenId, Input, ListenerKind, Output, Stats, Time,
+};
 
 /// Why [`Driver::run`] ended other than with an orderly drain.
 #[derive(Debug, thiserror::Error)]

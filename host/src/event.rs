@@ -4,8 +4,8 @@
 //! It sits in its own module, below the driver and the sources, so that the sources do
 //! not import the driver that imports them.
 
-use inferd_core::daemon::{ConnId, GenId, ListenerKind, Peer};
 use inferd_core::engine::{Capabilities, EngineError, EngineEvent, LoadPhase};
+use inferd_core::{BackendId, ConnId, GenId, ListenerKind, Peer};
 
 /// Something that happened, reported to the driver by tasks and threads.
 #[derive(Debug)]
@@ -51,21 +51,21 @@ pub enum Event {
     /// A backend's loading progressed.
     BackendPhase {
         /// Which backend.
-        backend: usize,
+        backend: BackendId,
         /// The phase.
         phase: LoadPhase,
     },
     /// A backend is ready.
     BackendLoaded {
         /// Which backend.
-        backend: usize,
+        backend: BackendId,
         /// What it can do.
         capabilities: Capabilities,
     },
     /// A backend failed to load.
     BackendFailed {
         /// Which backend.
-        backend: usize,
+        backend: BackendId,
         /// Why.
         error: EngineError,
     },

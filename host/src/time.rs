@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use inferd_core::time::Time;
+use inferd_core::Time;
 
 /// Milliseconds since the Unix epoch on the wall clock, for activity records; 0 if the
 /// clock is set before 1970.

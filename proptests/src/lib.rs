@@ -17,8 +17,8 @@ pub mod rng;
 pub mod sim;
 pub mod sse;
 
+use inferd_core::Settings;
 use inferd_core::admin::{self, AdminState, StatsEvent};
-use inferd_core::config::Settings;
 use inferd_core::engine::{Capabilities, LoadPhase};
 use inferd_core::framing::{Line, LineDecoder};
 use inferd_core::redact::{MASK, redact};

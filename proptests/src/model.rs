@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 
-use inferd_core::router::{BreakerPolicy, BreakerState, Outcome, Route};
-use inferd_core::time::Time;
+use inferd_core::Time;
+use inferd_core::router::{BackendId, BreakerPolicy, BreakerState, Outcome, Route};
 
 /// One result of splitting a byte stream into request lines.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,15 +244,15 @@ impl RouterModel {
     }
 
     /// Marks a backend ready or not.
-    pub fn set_ready(&mut self, backend: usize, ready: bool) {
-        if let Some(b) = self.backends.get_mut(backend) {
+    pub fn set_ready(&mut self, backend: BackendId, ready: bool) {
+        if let Some(b) = self.backends.get_mut(backend.0) {
             b.0 = ready;
         }
     }
 
     /// Whether a backend is ready.
-    pub fn is_ready(&self, backend: usize) -> bool {
-        self.backends.get(backend).is_some_and(|b| b.0)
+    pub fn is_ready(&self, backend: BackendId) -> bool {
+        self.backends.get(backend.0).is_some_and(|b| b.0)
     }
 
     /// The first ready backend whose breaker lets a request through; a half-open
@@ -268,10 +268,12 @@ impl RouterModel {
                 *br = ModelBreaker::HalfOpen { trial_out: false };
             }
             match br {
-                ModelBreaker::Closed(_) => return Some(Route { backend: i, trial: false }),
+                ModelBreaker::Closed(_) => {
+                    return Some(Route { backend: BackendId(i), trial: false });
+                }
                 ModelBreaker::HalfOpen { trial_out: false } => {
                     *br = ModelBreaker::HalfOpen { trial_out: true };
-                    return Some(Route { backend: i, trial: true });
+                    return Some(Route { backend: BackendId(i), trial: true });
                 }
                 _ => {}
             }
@@ -282,11 +284,11 @@ impl RouterModel {
     /// A backend asked not to be tried before `not_before` (an upstream's 429 or 503
     /// with `Retry-After`): an open breaker, now or later, stays open at least until
     /// the latest such deadline.
-    pub fn retry_after(&mut self, backend: usize, not_before: Time) {
-        let Some(slot) = self.not_before.get_mut(backend) else { return };
+    pub fn retry_after(&mut self, backend: BackendId, not_before: Time) {
+        let Some(slot) = self.not_before.get_mut(backend.0) else { return };
         let latest = slot.map_or(not_before, |t| t.max(not_before));
         *slot = Some(latest);
-        if let Some((_, ModelBreaker::Open { until })) = self.backends.get_mut(backend) {
+        if let Some((_, ModelBreaker::Open { until })) = self.backends.get_mut(backend.0) {
             *until = (*until).max(latest);
         }
     }
@@ -294,13 +296,13 @@ impl RouterModel {
     /// How a routed request ended.
     pub fn report(&mut self, route: Route, outcome: Outcome, now: Time) {
         let policy = self.policy;
-        let hint = self.not_before.get(route.backend).copied().flatten();
+        let hint = self.not_before.get(route.backend.0).copied().flatten();
         let open_until = |now: Time| {
             let until = now + policy.cooldown;
             hint.map_or(until, |t| t.max(until))
         };
-        let Some((_, br)) = self.backends.get_mut(route.backend) else { return };
-        let Some(last_incident) = self.last_incident.get_mut(route.backend) else { return };
+        let Some((_, br)) = self.backends.get_mut(route.backend.0) else { return };
+        let Some(last_incident) = self.last_incident.get_mut(route.backend.0) else { return };
         // One incident counts once; a trial always settles the half-open state.
         let incident = match outcome {
             Outcome::SharedFailure(id) if *last_incident == Some(id) && !route.trial => return,
@@ -343,8 +345,8 @@ impl RouterModel {
     }
 
     /// The state a stats event shows at `now`.
-    pub fn state(&self, backend: usize, now: Time) -> BreakerState {
-        match &self.backends[backend].1 {
+    pub fn state(&self, backend: BackendId, now: Time) -> BreakerState {
+        match &self.backends[backend.0].1 {
             ModelBreaker::Closed(_) => BreakerState::Closed,
             ModelBreaker::Open { until } if now < *until => BreakerState::Open,
             ModelBreaker::Open { .. } | ModelBreaker::HalfOpen { .. } => BreakerState::HalfOpen,
@@ -363,8 +365,8 @@ impl RouterModel {
     }
 
     /// Trials in flight on a backend (0 or 1 by construction; the sim asserts it).
-    pub fn trial_out(&self, backend: usize) -> bool {
-        matches!(self.backends[backend].1, ModelBreaker::HalfOpen { trial_out: true })
+    pub fn trial_out(&self, backend: BackendId) -> bool {
+        matches!(self.backends[backend.0].1, ModelBreaker::HalfOpen { trial_out: true })
     }
 }
 

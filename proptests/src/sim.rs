@@ -28,12 +28,12 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, MAX_AUTH_LINE_BYTES, Peer, Transport};
 use inferd_core::engine::{Capabilities, EngineError, EngineErrorKind, EngineEvent, LoadPhase};
-use inferd_core::router::{BreakerPolicy, Outcome, Route};
-use inferd_core::time::Time;
-use inferd_core::{ConnId, Daemon, GenId, Input, Output};
+use inferd_core::router::{BackendId, BreakerPolicy, Outcome, Route};
+use inferd_core::{
+    ConnId, Daemon, DaemonConfig, GenId, Input, ListenerKind, MAX_AUTH_LINE_BYTES, Output, Peer,
+    Time, Transport,
+};
 use serde_json::Value;
 
 use crate::model::RouterModel;
@@ -467,7 +467,7 @@ enum GenEnd {
 #[derive(Debug)]
 struct Gen {
     req: usize,
-    backend: usize,
+    backend: BackendId,
     route: Route,
     rng: Rng,
     script: VecDeque<(u64, Step)>,
@@ -804,8 +804,8 @@ impl Sim {
             Ev::BackendBack(b) => {
                 if self.exited.is_none() && !self.backends[b].ready {
                     self.backends[b].ready = true;
-                    self.model.set_ready(b, true);
-                    self.feed(Input::BackendReadiness { backend: b, ready: true });
+                    self.model.set_ready(BackendId(b), true);
+                    self.feed(Input::BackendReadiness { backend: BackendId(b), ready: true });
                 }
             }
             Ev::Shutdown => self.shutdown(),
@@ -992,7 +992,7 @@ impl Sim {
         }
         if self.scenario.load_fail == Some((b, step)) {
             let error = EngineError::internal("simulated load failure: bad magic");
-            self.feed(Input::BackendFailed { backend: b, error });
+            self.feed(Input::BackendFailed { backend: BackendId(b), error });
             return;
         }
         if step < self.backends[b].phases {
@@ -1006,7 +1006,7 @@ impl Sim {
                 2 => LoadPhase::Mmap { path: "/models/m.gguf".into() },
                 _ => LoadPhase::KvCache { n_ctx: 4096 },
             };
-            self.feed(Input::BackendPhase { backend: b, phase });
+            self.feed(Input::BackendPhase { backend: BackendId(b), phase });
             let mut next = self.now + self.backends[b].per_phase_ms;
             if self.scenario.slow_load && b == 0 {
                 next += 5_000;
@@ -1016,8 +1016,8 @@ impl Sim {
             let caps = Capabilities::text_cpu();
             self.backends[b].loaded = true;
             self.backends[b].ready = true;
-            self.model.set_ready(b, true);
-            self.feed(Input::BackendLoaded { backend: b, capabilities: caps });
+            self.model.set_ready(BackendId(b), true);
+            self.feed(Input::BackendLoaded { backend: BackendId(b), capabilities: caps });
         }
     }
 
@@ -1028,21 +1028,21 @@ impl Sim {
         match self.rng.below(10) {
             0 => {
                 let phase = LoadPhase::Verify { path: "/models/m.gguf".into() };
-                self.feed(Input::BackendPhase { backend: b, phase });
+                self.feed(Input::BackendPhase { backend: BackendId(b), phase });
             }
             1 => {
                 self.backends[b].ready = false;
-                self.model.set_ready(b, false);
+                self.model.set_ready(BackendId(b), false);
                 let error = EngineError::unavailable("simulated crash");
-                self.feed(Input::BackendFailed { backend: b, error });
+                self.feed(Input::BackendFailed { backend: BackendId(b), error });
                 let back = self.now + self.rng.range(50, 8_000);
                 self.schedule(back, Ev::BackendBack(b));
             }
             _ => {
                 let ready = !self.backends[b].ready;
                 self.backends[b].ready = ready;
-                self.model.set_ready(b, ready);
-                self.feed(Input::BackendReadiness { backend: b, ready });
+                self.model.set_ready(BackendId(b), ready);
+                self.feed(Input::BackendReadiness { backend: BackendId(b), ready });
                 if !ready && self.rng.chance(4, 5) {
                     let back = self.now + self.rng.range(50, 8_000);
                     self.schedule(back, Ev::BackendBack(b));
@@ -1482,7 +1482,12 @@ impl Sim {
         }
     }
 
-    fn on_start(&mut self, g: u64, backend: usize, request: inferd_core::engine::GenerateRequest) {
+    fn on_start(
+        &mut self,
+        g: u64,
+        backend: BackendId,
+        request: inferd_core::engine::GenerateRequest,
+    ) {
         let now = self.now;
         let prefix = format!("PROMPT-{}-", self.tag);
         let n = request
@@ -1498,7 +1503,7 @@ impl Sim {
         self.trace.gen_of(g, self.reqs[n].conn);
         self.trace.push(now, Dir::Out, "Start", format!("g{g} backend={backend} request={n}"));
         assert!(!self.gens.contains_key(&g), "generation g{g} started twice");
-        assert!(backend < self.backends.len(), "Start on unknown backend {backend}");
+        assert!(backend.0 < self.backends.len(), "Start on unknown backend {backend}");
         assert!(self.shutdown_at.is_none(), "Start of request {n} after the shutdown");
         assert!(
             request == self.specs[n].params,
@@ -1557,7 +1562,7 @@ impl Sim {
         r.generation = Some(g);
         r.started_at = Some(now);
         let mut grng = Rng::new(mix(self.base ^ 0xE17E, g));
-        let down = self.backends[backend].is_down(now);
+        let down = self.backends[backend.0].is_down(now);
         let script = scripts::engine_script(&mut grng, &request, down, g);
         self.gens.insert(
             g,
@@ -1823,7 +1828,7 @@ impl Sim {
                 let usage = &obj["usage"];
                 assert_eq!(usage["prompt_tokens"], comp.usage.prompt_tokens, "c{c}: usage");
                 assert_eq!(usage["completion_tokens"], comp.usage.completion_tokens, "c{c}: usage");
-                assert_eq!(str_field("backend"), self.backends[gen_.backend].name);
+                assert_eq!(str_field("backend"), self.backends[gen_.backend.0].name);
                 let ended =
                     gen_.ended_at.unwrap_or_else(|| panic!("g{g} done without an end time"));
                 match (obj.get("timings"), self.cfg.timings) {
@@ -2098,7 +2103,7 @@ impl Sim {
                     assert_eq!(v["prompt_tokens"], comp.usage.prompt_tokens, "{line}");
                     assert_eq!(
                         v["backend"].as_str(),
-                        Some(self.backends[gen_.backend].name.as_str())
+                        Some(self.backends[gen_.backend.0].name.as_str())
                     );
                     assert_eq!(queued, gen_.started_at - admitted, "queued_ms: {line}");
                     r.admitted_at = Some(admitted);

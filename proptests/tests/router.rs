@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use inferd_core::router::{BreakerPolicy, Outcome, Route, Router};
-use inferd_core::time::Time;
+use inferd_core::Time;
+use inferd_core::router::{BackendId, BreakerPolicy, Outcome, Route, Router};
 use inferd_proptests::model::RouterModel;
 use proptest::prelude::*;
 
@@ -14,7 +14,7 @@ enum Op {
     Route,
     /// Report the outstanding route at this index (mod their number).
     Report(usize, Outcome),
-    SetReady(usize, bool),
+    SetReady(BackendId, bool),
     Advance(u64),
 }
 
@@ -32,7 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => Just(Op::Route),
         4 => (any::<usize>(), outcome()).prop_map(|(i, o)| Op::Report(i, o)),
-        1 => (0usize..4, any::<bool>()).prop_map(|(b, r)| Op::SetReady(b, r)),
+        1 => (0usize..4, any::<bool>()).prop_map(|(b, r)| Op::SetReady(BackendId(b), r)),
         3 => (0u64..3_000).prop_map(Op::Advance),
         1 => (0u64..200_000).prop_map(Op::Advance),
         1 => (1u64..10_000_000_000).prop_map(Op::Advance),
@@ -58,7 +58,8 @@ fn run(
 ) -> Result<(), TestCaseError> {
     let mut real = Router::new(n, policy);
     let mut model = RouterModel::new(n, policy);
-    for (b, ready) in initially_ready.iter().take(n).enumerate() {
+    for (i, ready) in initially_ready.iter().take(n).enumerate() {
+        let b = BackendId(i);
         real.set_ready(b, *ready);
         model.set_ready(b, *ready);
     }
@@ -95,7 +96,7 @@ fn run(
             }
             Op::Advance(ms) => now = now + Duration::from_millis(ms),
         }
-        for b in 0..n {
+        for b in (0..n).map(BackendId) {
             prop_assert_eq!(
                 real.breaker_state(b, now),
                 model.state(b, now),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use clap::Args;
 use inferd_core::activity::{Level, Record};
-use inferd_core::config::{BackendSpec, ConfigError, DaemonConfig, Settings};
 use inferd_core::engine::Engine;
+use inferd_core::{BackendSpec, ConfigError, DaemonConfig, Settings};
 #[cfg(feature = "llama")]
 use inferd_engine_llama::{LlamaConfig, LlamaEngine};
 use inferd_engine_mock::{MockConfig, MockEngine};

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use inferd_core::config::DaemonConfig;
+use inferd_core::DaemonConfig;
 use inferd_core::engine::Engine;
 use inferd_engine_mock::{MockConfig, MockEngine};
 use inferd_tokio::EmbedConfig;

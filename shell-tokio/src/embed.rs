@@ -4,9 +4,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use inferd_core::config::{DaemonConfig, default_name};
-use inferd_core::daemon::Stats;
 use inferd_core::engine::Engine;
+use inferd_core::{DaemonConfig, Stats, default_name};
 use inferd_host::driver::{Driver, DriverHandle, ServeError, ServeSetup};
 use inferd_host::signals::{
     self, Caught, SECOND_SIGNAL_EXIT_STATUS, SignalAction, SignalPolicy, startup_banner,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{mock, start_use_stop, temp_dir};
-use inferd_core::config::DaemonConfig;
+use inferd_core::DaemonConfig;
 use inferd_tokio::{EmbedConfig, StartErrorKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,61 +3,31 @@
 //! answers written with the OpenAI encoders. One request at a time per connection;
 //! after an answer the next (maybe pipelined) request is read.
 
-use super::{Conn, ConnId, DRAINING, Daemon, Gen, Phase, Reply, breaker_outcome};
+use super::conn::{Client, Conn, HttpConn, Proto};
+use super::{ConnId, DRAINING, Daemon, Gen, Phase, Reply, breaker_outcome};
 use crate::activity::Level;
 use crate::engine::{Completion, EngineError, EngineErrorKind};
 use crate::http::openai::{self, ApiError, CompletionMeta, FinishReason};
-use crate::http::request::{Event, Head, Limits, RequestReader};
+use crate::http::request::{Event, Head};
 use crate::http::response::{self, JSON, PROMETHEUS_TEXT, ResponseHead, Status};
 use crate::http::route::{self, Endpoint};
-use crate::router::Outcome;
+use crate::router::{BackendId, Outcome};
 use crate::wire::{self, ErrorCode};
 
 /// Seconds a client told `queue_full` (429) is asked to wait before retrying.
 const RETRY_AFTER_SECS: u32 = 1;
 
-/// What an HTTP connection holds besides the common connection state.
-#[derive(Debug)]
-pub(super) struct HttpConn {
-    /// Bytes in, request heads and bodies out.
-    pub(super) reader: RequestReader,
-    /// The current request allows another one after it.
-    keep_alive: bool,
-    /// The current request is `HEAD`: the answer goes without its body.
-    head_only: bool,
-    /// The chunked head of a streamed answer is written: errors now go in the stream.
-    streaming: bool,
-    /// The head of the request whose body is being read.
-    head: Option<Head>,
-    /// The current stream's content-event prefix, built when the stream starts.
-    chunk_prefix: Vec<u8>,
-}
-
-impl HttpConn {
-    /// A connection with no request yet, reading under `limits`.
-    pub(super) fn new(limits: Limits) -> HttpConn {
-        HttpConn {
-            reader: RequestReader::new(limits),
-            keep_alive: true,
-            head_only: false,
-            streaming: false,
-            head: None,
-            chunk_prefix: Vec::new(),
-        }
-    }
-}
-
 /// Appends a piece of a streamed answer, writing the chunked head and the role event
 /// first if this is the first piece.
 pub(super) fn write_stream_piece(c: &mut Conn, meta: &CompletionMeta<'_>, piece: &str) {
     start_stream(c, meta);
-    if let Some(h) = c.http.as_ref() {
+    if let Some(h) = c.role.http() {
         openai::write_content_chunk_prefixed(&mut c.out, &h.chunk_prefix, piece);
     }
 }
 
 fn start_stream(c: &mut Conn, meta: &CompletionMeta<'_>) {
-    let Some(h) = c.http.as_mut() else { return };
+    let Some(h) = c.role.http_mut() else { return };
     if h.streaming {
         return;
     }
@@ -94,10 +64,13 @@ impl Daemon {
     pub(super) fn process_http(&mut self, id: ConnId) {
         loop {
             let Some(c) = self.conns.get_mut(&id) else { return };
-            if c.request.is_some() || c.closing {
+            let closing = c.closing;
+            let Some(Client { request, proto: Proto::Http(h), .. }) = c.role.client_mut() else {
+                return;
+            };
+            if request.is_some() || closing {
                 return;
             }
-            let Some(h) = c.http.as_mut() else { return };
             match h.reader.poll() {
                 None => break,
                 Some(Event::Head(head)) => {
@@ -110,7 +83,7 @@ impl Daemon {
                     }
                     // The head is judged once its body is in: a refused request's body
                     // must still be consumed to find the next request.
-                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.http.as_mut()) {
+                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.role.http_mut()) {
                         h.pending_head(head);
                     }
                 }
@@ -130,7 +103,7 @@ impl Daemon {
                         .num("status", e.status().code().into())
                         .str("error", &e.to_string());
                     self.log(rec);
-                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.http.as_mut()) {
+                    if let Some(h) = self.conns.get_mut(&id).and_then(|c| c.role.http_mut()) {
                         h.keep_alive = false;
                         h.head_only = false;
                     }
@@ -140,10 +113,10 @@ impl Daemon {
             }
         }
         let Some(c) = self.conns.get(&id) else { return };
-        if c.request.is_some() || c.closing {
+        let Some(Client { request, proto: Proto::Http(h), .. }) = c.role.client() else { return };
+        if request.is_some() || c.closing {
             return;
         }
-        let Some(h) = c.http.as_ref() else { return };
         let (partial, wants) = (h.reader.has_partial(), h.reader.wants_bytes());
         self.await_more(id, partial, wants);
     }
@@ -237,7 +210,7 @@ impl Daemon {
     ) {
         let draining = self.phase != Phase::Ready && self.phase != Phase::Starting;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(h) = c.http.as_ref() else { return };
+        let Some(h) = c.role.http() else { return };
         let head = ResponseHead {
             close: !h.keep_alive || draining,
             retry_after,
@@ -256,7 +229,7 @@ impl Daemon {
     pub(super) fn http_error(&mut self, id: ConnId, error: &ApiError, allow: Option<&'static str>) {
         let draining = self.phase != Phase::Ready && self.phase != Phase::Starting;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(h) = c.http.as_ref() else { return };
+        let Some(h) = c.role.http() else { return };
         if h.streaming {
             openai::write_stream_error(&mut c.out, error);
         } else {
@@ -284,7 +257,7 @@ impl Daemon {
     fn http_answered(&mut self, id: ConnId) {
         let draining = self.phase != Phase::Ready && self.phase != Phase::Starting;
         let Some(c) = self.conns.get_mut(&id) else { return };
-        let Some(h) = c.http.as_mut() else { return };
+        let Some(h) = c.role.http_mut() else { return };
         h.streaming = false;
         let keep = h.keep_alive && !draining;
         h.reader.next_request();
@@ -305,14 +278,16 @@ impl Daemon {
     ) {
         let now = self.now;
         let backend =
-            self.backends.get(g.route.backend).map_or("?", |b| b.name.as_str()).to_owned();
+            self.backends.get(g.route.backend.0).map_or("?", |b| b.name.as_str()).to_owned();
         let Reply::Http { include_usage, created } = g.reply else { return };
         let meta = CompletionMeta { id: &g.req_id, created, model: &backend };
         let queued_ms = g.started.millis_since(g.admitted);
         let ttft_ms = g.first_token.unwrap_or(now).millis_since(g.admitted);
         let total_ms = now.millis_since(g.admitted);
         let Some(c) = self.conns.get_mut(&conn) else { return };
-        c.request = None;
+        if let Some(cl) = c.role.client_mut() {
+            cl.request = None;
+        }
         let outcome = match result {
             Ok(Completion { usage, stop_reason, prompt_cached_tokens }) => {
                 let finish = FinishReason::from_stop_reason(stop_reason, g.stopped)
@@ -331,7 +306,7 @@ impl Daemon {
                     let mut body = Vec::with_capacity(256 + g.content.len());
                     openai::write_completion(&mut body, &meta, &g.content, finish, usage);
                     let close =
-                        c.http.as_ref().is_none_or(|h| !h.keep_alive) || self.phase != Phase::Ready;
+                        c.role.http().is_none_or(|h| !h.keep_alive) || self.phase != Phase::Ready;
                     let head = ResponseHead { close, ..ResponseHead::new(Status::Ok, JSON) };
                     response::write_response(&mut c.out, &head, &body);
                 }
@@ -430,7 +405,7 @@ impl Daemon {
         );
         out.push_str("# TYPE inferd_breaker_state gauge\n");
         for (i, b) in self.backends.iter().enumerate() {
-            let current = self.router.breaker_state(i, self.now).as_str();
+            let current = self.router.breaker_state(BackendId(i), self.now).as_str();
             for state in ["closed", "open", "half_open"] {
                 out.push_str("inferd_breaker_state{backend=\"");
                 label(&mut out, &b.name);

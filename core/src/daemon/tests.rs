@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use super::conn::SEND_CHUNK;
 use super::*;
 use crate::engine::Completion;
 use crate::wire::{Frame, Usage};
@@ -15,7 +16,7 @@ struct H {
     credits: HashSet<ConnId>,
     /// Connections whose writes never complete.
     stalled: HashSet<ConnId>,
-    starts: Vec<(GenId, usize, GenerateRequest)>,
+    starts: Vec<(GenId, BackendId, GenerateRequest)>,
     cancels: Vec<GenId>,
     activity: Vec<String>,
     bound: u32,
@@ -64,7 +65,10 @@ impl H {
         let n = cfg.backends.len();
         let mut h = H::new(cfg);
         for b in 0..n {
-            h.input(Input::BackendLoaded { backend: b, capabilities: Capabilities::text_cpu() });
+            h.input(Input::BackendLoaded {
+                backend: BackendId(b),
+                capabilities: Capabilities::text_cpu(),
+            });
         }
         assert_eq!(h.bound, 1);
         h
@@ -539,10 +543,13 @@ fn max_connections_closes_newcomers() {
 fn readiness_gating_binds_only_when_all_backends_loaded() {
     let mut h = H::new(cfg(&["a", "b"]));
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
-    h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::Mmap { path: "/m".into() } });
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendPhase {
+        backend: BackendId(0),
+        phase: LoadPhase::Mmap { path: "/m".into() },
+    });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     assert_eq!(h.bound, 0);
-    h.input(Input::BackendLoaded { backend: 1, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(1), capabilities: Capabilities::text_cpu() });
     assert_eq!(h.bound, 1);
     let statuses: Vec<String> =
         h.raw_lines(admin).iter().map(|v| v["status"].as_str().unwrap().to_owned()).collect();
@@ -566,7 +573,10 @@ fn inference_connections_before_ready_are_refused() {
 #[test]
 fn backend_load_failure_exits_non_zero() {
     let mut h = H::new(cfg(&["llama"]));
-    h.input(Input::BackendFailed { backend: 0, error: EngineError::internal("bad magic") });
+    h.input(Input::BackendFailed {
+        backend: BackendId(0),
+        error: EngineError::internal("bad magic"),
+    });
     let (code, msg) = h.exit.clone().unwrap();
     assert_eq!(code, 1);
     assert!(msg.contains("llama") && msg.contains("bad magic"), "{msg}");
@@ -703,12 +713,12 @@ fn fallback_to_second_backend_when_first_is_broken() {
     for i in 0..3 {
         h.line(c, &req(&format!("f{i}")));
         let (g, b, _) = h.starts.last().cloned().unwrap();
-        assert_eq!(b, 0);
+        assert_eq!(b, BackendId(0));
         h.fail(g, EngineError::unavailable("down"));
     }
     h.line(c, &req("next"));
-    assert_eq!(h.starts.last().unwrap().1, 1);
-    h.input(Input::BackendReadiness { backend: 1, ready: false });
+    assert_eq!(h.starts.last().unwrap().1, BackendId(1));
+    h.input(Input::BackendReadiness { backend: BackendId(1), ready: false });
     let g = h.last_start();
     h.done(g, StopReason::End, 0);
     h.line(c, &req("none"));
@@ -784,10 +794,13 @@ fn admin_lag_limit_disconnects_slow_subscribers() {
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
     h.stalled.insert(admin);
     for i in 0..4 {
-        h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::KvCache { n_ctx: i } });
+        h.input(Input::BackendPhase {
+            backend: BackendId(0),
+            phase: LoadPhase::KvCache { n_ctx: i },
+        });
     }
     assert!(h.is_open(admin));
-    h.input(Input::BackendPhase { backend: 0, phase: LoadPhase::KvCache { n_ctx: 9 } });
+    h.input(Input::BackendPhase { backend: BackendId(0), phase: LoadPhase::KvCache { n_ctx: 9 } });
     assert!(!h.is_open(admin));
 }
 
@@ -1055,7 +1068,7 @@ fn read_timeout_counts_from_the_current_partial_line() {
 fn accessors_follow_the_lifecycle() {
     let mut h = H::new(cfg(&["m"]));
     assert!(!h.d.is_ready());
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     assert!(h.d.is_ready());
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
     let c = h.connect();
@@ -1156,7 +1169,7 @@ fn ready_timeout_names_the_backends_still_loading() {
     let mut c = cfg(&["quick", "slow"]);
     c.ready_timeout = Duration::from_secs(30);
     let mut h = H::new(c);
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     h.advance(Duration::from_secs(30));
     let (code, message) = h.exit.clone().expect("exited");
     assert_eq!(code, 1);
@@ -1257,6 +1270,14 @@ fn keyed() -> DaemonConfig {
     c
 }
 
+/// Bytes a protocol v1 connection holds back until its key line is judged.
+fn held_before_auth(n: &Ndjson) -> usize {
+    match &n.auth {
+        Auth::Pending { held, .. } => held.len(),
+        Auth::Done => 0,
+    }
+}
+
 /// Issue 15#2: before authentication the daemon holds the auth line and one read at
 /// most, and blank lines before the key line are skipped, not taken for it.
 #[test]
@@ -1266,15 +1287,16 @@ fn before_authentication_memory_is_bounded_and_blank_lines_are_skipped() {
     let lfs = "\n".repeat(64 * 1024);
     for _ in 0..16 {
         h.send(c, &lfs);
-        let conn = &h.d.conns[&c];
-        assert!(conn.pre_auth.is_empty(), "{} bytes held before auth", conn.pre_auth.len());
-        assert!(conn.decoder.buffered() <= 1, "{} bytes buffered", conn.decoder.buffered());
+        let n = h.d.conns[&c].ndjson().expect("a protocol v1 connection");
+        let held = held_before_auth(n);
+        assert!(held == 0, "{held} bytes held before auth");
+        assert!(n.decoder.buffered() <= 1, "{} bytes buffered", n.decoder.buffered());
     }
     assert!(h.is_open(c));
     // A blank line, the key line and a request in one read: the request is served.
     h.send(c, &format!(" \r\n\n{AUTH}\n{}\n", req("after-blanks")));
     assert_eq!(h.starts.len(), 1, "the request behind the key line started");
-    assert!(h.d.conns[&c].pre_auth.is_empty());
+    assert_eq!(h.d.conns[&c].ndjson().map(held_before_auth), Some(0));
     // The key line split across reads after blank ones.
     let d = h.connect_kind(ListenerKind::Inference, Transport::Tcp);
     h.send(d, "\n\n{\"type\":\"au");

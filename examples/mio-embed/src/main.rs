@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use inferd_core::config::DaemonConfig;
-use inferd_core::daemon::{ListenerKind, Peer, Transport};
 use inferd_core::engine::{CancelFlag, Engine, EngineEvent};
-use inferd_core::{ConnId, Daemon, GenId, Input, Output, Time};
+use inferd_core::{
+    BackendId, ConnId, Daemon, DaemonConfig, GenId, Input, ListenerKind, Output, Peer, Time,
+    Transport,
+};
 use inferd_engine_mock::{MockConfig, MockEngine};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -294,13 +295,15 @@ fn run(socket: PathBuf, exit_after: Option<u64>) -> io::Result<i32> {
     let mut phases = Vec::new();
     let loaded = host.engine.load(&mut |phase| phases.push(phase));
     for phase in phases {
-        daemon.handle(host.now(), Input::BackendPhase { backend: 0, phase });
+        daemon.handle(host.now(), Input::BackendPhase { backend: BackendId(0), phase });
     }
     match loaded {
         Ok(capabilities) => {
-            daemon.handle(host.now(), Input::BackendLoaded { backend: 0, capabilities })
+            daemon.handle(host.now(), Input::BackendLoaded { backend: BackendId(0), capabilities })
         }
-        Err(error) => daemon.handle(host.now(), Input::BackendFailed { backend: 0, error }),
+        Err(error) => {
+            daemon.handle(host.now(), Input::BackendFailed { backend: BackendId(0), error })
+        }
     }
 
     let mut events = Events::with_capacity(256);

@@ -242,7 +242,11 @@ impl Sim {
             _ => "stop",
         };
         assert_eq!(finish, want, "c{c}: finish_reason for {:?}", comp.stop_reason);
-        assert_eq!(model.as_str(), Some(self.backends[gen_.backend].name.as_str()), "c{c}: model");
+        assert_eq!(
+            model.as_str(),
+            Some(self.backends[gen_.backend.0].name.as_str()),
+            "c{c}: model"
+        );
         if let Some(u) = usage {
             assert_eq!(u["prompt_tokens"], comp.usage.prompt_tokens, "c{c}: usage");
             assert_eq!(u["completion_tokens"], comp.usage.completion_tokens, "c{c}: usage");

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use inferd_core::config::DaemonConfig;
+use inferd_core::DaemonConfig;
 use inferd_core::engine::Engine;
 use inferd_engine_mock::{MockConfig, MockEngine};
 use inferd_tokio::EmbedConfig;

@@ -263,7 +263,7 @@ fn before_ready_health_and_inference_are_503() {
     assert_eq!(r[1].status, 503);
     assert_eq!(r[1].json()["error"]["code"], "backend_unavailable");
     assert!(h.starts.is_empty());
-    h.input(Input::BackendLoaded { backend: 0, capabilities: Capabilities::text_cpu() });
+    h.input(Input::BackendLoaded { backend: BackendId(0), capabilities: Capabilities::text_cpu() });
     h.send(c, &get("/health"));
     assert_eq!(h.responses(c)[2].status, 200);
 }
