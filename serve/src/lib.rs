@@ -128,7 +128,8 @@ pub struct ServeArgs {
 }
 
 /// Why `serve` cannot start: what to tell the operator, and which kind of failure it is
-/// (the shells map the kind to an exit status).
+/// (the shells map the kind to an exit status). Where the failure has a typed cause (a
+/// backend's options, say), [`std::error::Error::source`] hands it out.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StartError {
@@ -136,6 +137,9 @@ pub struct StartError {
     pub message: String,
     /// Whose mistake it is.
     pub kind: StartErrorKind,
+    /// The typed cause, when there is one.
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 /// The two kinds of start-up failure, which a shell tells apart in its exit status.
@@ -161,17 +165,40 @@ impl StartErrorKind {
 impl StartError {
     /// A configuration mistake.
     pub fn usage(message: impl Into<String>) -> Self {
-        StartError { message: message.into(), kind: StartErrorKind::Usage }
+        StartError { message: message.into(), kind: StartErrorKind::Usage, source: None }
     }
     /// Any other start-up failure.
     pub fn fail(message: impl Into<String>) -> Self {
-        StartError { message: message.into(), kind: StartErrorKind::Failed }
+        StartError { message: message.into(), kind: StartErrorKind::Failed, source: None }
+    }
+    /// Any other start-up failure with a typed cause, told as the cause's own message.
+    pub fn fail_from(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StartError::fail(cause.to_string()).because(cause)
+    }
+    /// The same error, with `cause` as its typed source (the message stays as it is).
+    pub fn because(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(cause));
+        self
+    }
+    /// A configuration mistake with a typed cause, told as the cause's own message.
+    pub fn usage_from(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StartError {
+            message: cause.to_string(),
+            kind: StartErrorKind::Usage,
+            source: Some(Box::new(cause)),
+        }
     }
 }
 
 impl From<ConfigError> for StartError {
     fn from(e: ConfigError) -> Self {
-        StartError::usage(e.to_string())
+        StartError::usage_from(e)
+    }
+}
+
+impl From<BackendError> for StartError {
+    fn from(e: BackendError) -> Self {
+        StartError::usage_from(e)
     }
 }
 
@@ -225,16 +252,15 @@ impl ServeArgs {
         };
         let mut settings = match path {
             Some(path) => match std::fs::read_to_string(&path) {
-                Ok(text) => Settings::from_json(&text)
-                    .map_err(|e| StartError::usage(format!("{}: {e}", path.display())))?,
+                Ok(text) => Settings::from_json(&text).map_err(|e| {
+                    StartError::usage(format!("{}: {e}", path.display())).because(e)
+                })?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                     Settings::default()
                 }
                 Err(e) => {
-                    return Err(StartError::usage(format!(
-                        "cannot read config file {}: {e}",
-                        path.display()
-                    )));
+                    let message = format!("cannot read config file {}: {e}", path.display());
+                    return Err(StartError::usage(message).because(e));
                 }
             },
             None => Settings::default(),
@@ -244,30 +270,76 @@ impl ServeArgs {
     }
 }
 
+/// Why a configured backend's engine cannot be built; the message names the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A `mock` backend's options are wrong.
+    #[error("backend {backend}: {source}")]
+    Mock {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// What is wrong.
+        #[source]
+        source: inferd_engine_mock::ConfigError,
+    },
+    /// A `llamacpp` backend's options are wrong.
+    #[cfg(feature = "llama")]
+    #[error("backend {backend}: {source}")]
+    Llama {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// What is wrong.
+        #[source]
+        source: inferd_engine_llama::ConfigError,
+    },
+    /// An `openai-compat` backend's options are wrong.
+    #[error("backend {backend}: {source}")]
+    OpenAi {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// What is wrong.
+        #[source]
+        source: inferd_engine_openai_compat::ConfigError,
+    },
+    /// A `llamacpp` backend in a build without the `llama` feature.
+    #[error("backend {backend}: this build has no llama.cpp support (feature `llama` is off)")]
+    NoLlama {
+        /// The backend, as configured (kind and name).
+        backend: String,
+    },
+    /// A kind no engine here serves.
+    #[error("backend {backend}: unknown kind {kind:?}")]
+    UnknownKind {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// The kind as written.
+        kind: String,
+    },
+}
+
 /// Builds the engine for one configured backend.
-pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
+pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, BackendError> {
+    let backend = || spec.to_string();
     match spec.kind.as_str() {
         "mock" => {
             let cfg = MockConfig::from_options(&spec.options)
-                .map_err(|e| format!("backend {spec}: {e}"))?;
+                .map_err(|source| BackendError::Mock { backend: backend(), source })?;
             Ok(Arc::new(MockEngine::new(cfg)))
         }
         #[cfg(feature = "llama")]
         "llamacpp" => {
             let cfg = LlamaConfig::from_options(&spec.options)
-                .map_err(|e| format!("backend {spec}: {e}"))?;
+                .map_err(|source| BackendError::Llama { backend: backend(), source })?;
             Ok(Arc::new(LlamaEngine::new(cfg)))
         }
         #[cfg(not(feature = "llama"))]
-        "llamacpp" => Err(format!(
-            "backend {spec}: this build has no llama.cpp support (feature `llama` is off)"
-        )),
+        "llamacpp" => Err(BackendError::NoLlama { backend: backend() }),
         "openai-compat" => {
             let cfg = OpenAiConfig::from_options(&spec.options)
-                .map_err(|e| format!("backend {spec}: {e}"))?;
+                .map_err(|source| BackendError::OpenAi { backend: backend(), source })?;
             Ok(Arc::new(OpenAiEngine::new(cfg)))
         }
-        other => Err(format!("backend {spec}: unknown kind {other:?}")),
+        other => Err(BackendError::UnknownKind { backend: backend(), kind: other.to_owned() }),
     }
 }
 
@@ -351,8 +423,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     if specs.is_empty() {
         return Err(StartError::usage(NO_BACKEND));
     }
-    let engines =
-        specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>().map_err(StartError::usage)?;
+    let engines = specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>()?;
     let config = daemon_config(&settings, &engines)?;
     prepare_files(
         config,
@@ -378,7 +449,7 @@ pub fn prepare_files(
     http: Option<String>,
 ) -> Result<Prepared, StartError> {
     for addr in [&tcp, &http].into_iter().flatten() {
-        socket::parse_loopback_addr(addr).map_err(|e| StartError::usage(e.to_string()))?;
+        socket::parse_loopback_addr(addr).map_err(StartError::usage_from)?;
     }
     let dirs = [
         Some(paths.runtime_dir.as_path()),
@@ -390,13 +461,12 @@ pub fn prepare_files(
         if dir.as_os_str().is_empty() {
             continue;
         }
-        paths::ensure_private_dir(dir).map_err(|e| StartError::fail(e.to_string()))?;
+        paths::ensure_private_dir(dir).map_err(StartError::fail_from)?;
     }
-    let lock = InstanceLock::acquire(&paths.lock).map_err(|e| StartError::fail(e.to_string()))?;
-    let admin = socket::bind_unix_listener(&paths.admin, 0o600)
-        .map_err(|e| StartError::fail(e.to_string()))?;
+    let lock = InstanceLock::acquire(&paths.lock).map_err(StartError::fail_from)?;
+    let admin = socket::bind_unix_listener(&paths.admin, 0o600).map_err(StartError::fail_from)?;
     let mut log = match &paths.log_dir {
-        Some(dir) => Some(ActivityLogFile::open(dir).map_err(|e| StartError::fail(e.to_string()))?),
+        Some(dir) => Some(ActivityLogFile::open(dir).map_err(StartError::fail_from)?),
         None => None,
     };
     let mut config = config;
@@ -534,7 +604,15 @@ mod tests {
         assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 6);
         let missing = Settings::from_json(r#"{"backends": [{"kind": "openai-compat"}]}"#).unwrap();
         let err = missing.resolved_backends().iter().map(build_engine).next().unwrap().err();
-        assert!(err.is_some_and(|e| e.contains("base_url")));
+        assert!(err.as_ref().is_some_and(|e| e.to_string().contains("base_url")), "{err:?}");
+        // The engine's own error travels typed under the backend's.
+        assert!(matches!(
+            err,
+            Some(BackendError::OpenAi {
+                source: inferd_engine_openai_compat::ConfigError::Missing { key: "base_url" },
+                ..
+            })
+        ));
     }
 
     #[test]
