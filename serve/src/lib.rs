@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Args;
 use inferd_core::activity::{Level, Record};
 use inferd_core::config::{BackendSpec, ConfigError, DaemonConfig, Settings};
 use inferd_core::engine::Engine;
@@ -24,106 +23,110 @@ use serde_json::Value;
 // clap turns these doc comments into `--help` text, where `<runtime-dir>` is a
 // placeholder, not an HTML tag.
 #[allow(rustdoc::invalid_html_tags)]
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ServeArgs {
     /// Config file (JSON). Missing is fine at the default path, an error elsewhere.
-    #[arg(long, env = "INFERD_CONFIG", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_CONFIG", value_name = "PATH"))]
     pub config: Option<PathBuf>,
     /// Backend to serve: `mock` or `llamacpp` (replaces the config's backend list). An
     /// `openai-compat` upstream is configured in the config file's `backends` list.
-    #[arg(long, env = "INFERD_BACKEND", value_name = "KIND")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_BACKEND", value_name = "KIND"))]
     pub backend: Option<String>,
     /// Runtime directory for the sockets and the lock [default: $XDG_RUNTIME_DIR/inferd,
     /// then ~/.inferd/run, then /tmp/inferd-<uid>].
-    #[arg(long, env = "INFERD_RUNTIME_DIR", value_name = "DIR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_RUNTIME_DIR", value_name = "DIR"))]
     pub runtime_dir: Option<String>,
     /// Lock file [default: <runtime-dir>/inferd.lock].
-    #[arg(long, env = "INFERD_LOCK", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_LOCK", value_name = "PATH"))]
     pub lock: Option<String>,
     /// Inference socket [default: <runtime-dir>/infer.sock].
-    #[arg(long, env = "INFERD_UDS", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_UDS", value_name = "PATH"))]
     pub uds: Option<String>,
     /// Admin socket [default: <runtime-dir>/admin.sock].
-    #[arg(long, env = "INFERD_ADMIN_ADDR", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_ADMIN_ADDR", value_name = "PATH"))]
     pub admin_addr: Option<String>,
     /// Also serve inference on this loopback TCP address (e.g. 127.0.0.1:47321).
-    #[arg(long, env = "INFERD_TCP", value_name = "ADDR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_TCP", value_name = "ADDR"))]
     pub tcp: Option<String>,
     /// Also serve the OpenAI-compatible HTTP API on this loopback TCP address (e.g.
     /// 127.0.0.1:8080). Without --api-key it is open to every local user.
-    #[arg(long, env = "INFERD_HTTP", value_name = "ADDR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_HTTP", value_name = "ADDR"))]
     pub http: Option<String>,
     /// Key TCP clients must present in their first line, and HTTP clients as
     /// `Authorization: Bearer KEY`.
-    #[arg(long, env = "INFERD_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "INFERD_API_KEY", value_name = "KEY", hide_env_values = true)
+    )]
     pub api_key: Option<String>,
     /// Group given read/write access to the inference socket.
-    #[arg(long, env = "INFERD_GROUP", value_name = "GROUP")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_GROUP", value_name = "GROUP"))]
     pub group: Option<String>,
     /// Requests generating at once [default: the sum of the backends' parallelism:
     /// `--n-parallel` for llamacpp, 1 for mock].
-    #[arg(long, env = "INFERD_ACTIVE_PERMITS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_ACTIVE_PERMITS", value_name = "N"))]
     pub active_permits: Option<u32>,
     /// Requests waiting at once [default: 10].
-    #[arg(long, env = "INFERD_QUEUE_DEPTH", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_QUEUE_DEPTH", value_name = "N"))]
     pub queue_depth: Option<u32>,
     /// Give up when the backends are not ready after this long; 0 waits forever [default: 600].
-    #[arg(long, env = "INFERD_READY_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_READY_TIMEOUT_SECS", value_name = "SECS"))]
     pub ready_timeout_secs: Option<u64>,
     /// Drop a client whose frames cannot be written for this long; 0 disables [default: 60].
-    #[arg(long, env = "INFERD_WRITE_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_WRITE_TIMEOUT_SECS", value_name = "SECS"))]
     pub write_timeout_secs: Option<u64>,
     /// Close a client whose request line is unfinished after this long; 0 disables [default: 60].
-    #[arg(long, env = "INFERD_READ_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_READ_TIMEOUT_SECS", value_name = "SECS"))]
     pub read_timeout_secs: Option<u64>,
     /// Let in-flight generations finish for this long on shutdown [default: 30].
-    #[arg(long, env = "INFERD_DRAIN_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_DRAIN_TIMEOUT_SECS", value_name = "SECS"))]
     pub drain_timeout_secs: Option<u64>,
     /// Open inference connections at most [default: 1024].
-    #[arg(long, env = "INFERD_MAX_CONNECTIONS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MAX_CONNECTIONS", value_name = "N"))]
     pub max_connections: Option<u32>,
     /// Close a TCP client that has not sent its key line after this long; 0 disables
     /// [default: 10]. Unauthenticated TCP clients may also hold at most a quarter of
     /// --max-connections at once, so they cannot lock out Unix-socket clients.
-    #[arg(long, env = "INFERD_AUTH_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_AUTH_TIMEOUT_SECS", value_name = "SECS"))]
     pub auth_timeout_secs: Option<u64>,
     /// Admin subscribers at most; a newcomer replaces the oldest one that lags behind,
     /// or is refused when none lags [default: 64].
-    #[arg(long, env = "INFERD_MAX_ADMIN_SUBSCRIBERS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MAX_ADMIN_SUBSCRIBERS", value_name = "N"))]
     pub max_admin_subscribers: Option<u64>,
     /// Activity log directory [default: $INFERD_LOG_DIR, then ~/.inferd/logs].
-    #[arg(long, env = "INFERD_LOG_DIR", value_name = "DIR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_LOG_DIR", value_name = "DIR"))]
     pub log_dir: Option<String>,
     /// GGUF model for the llamacpp backend.
-    #[arg(long, env = "INFERD_MODEL_PATH", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MODEL_PATH", value_name = "PATH"))]
     pub model_path: Option<String>,
     /// Refuse to start unless the model file has this SHA-256.
-    #[arg(long, env = "INFERD_MODEL_SHA256", value_name = "HEX")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MODEL_SHA256", value_name = "HEX"))]
     pub model_sha256: Option<String>,
     /// Context length of each llamacpp sequence; 0 uses the model's [default: 4096]. The
     /// KV cache holds n_parallel x n_ctx tokens.
-    #[arg(long, env = "INFERD_N_CTX", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_CTX", value_name = "N"))]
     pub n_ctx: Option<u32>,
     /// Sequences a llamacpp backend decodes together (continuous batching) [default: 4].
-    #[arg(long, env = "INFERD_N_PARALLEL", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_PARALLEL", value_name = "N"))]
     pub n_parallel: Option<u32>,
     /// Layers to offload to a GPU (llamacpp) [default: 0].
-    #[arg(long, env = "INFERD_N_GPU_LAYERS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_GPU_LAYERS", value_name = "N"))]
     pub n_gpu_layers: Option<u32>,
     /// CPU threads for llamacpp [default: up to 4].
-    #[arg(long, env = "INFERD_N_THREADS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_THREADS", value_name = "N"))]
     pub n_threads: Option<u32>,
     /// Mock: produce exactly N tokens (cycling the echoed words).
-    #[arg(long, env = "INFERD_MOCK_TOKENS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_TOKENS", value_name = "N"))]
     pub mock_tokens: Option<u32>,
     /// Mock: delay before each token.
-    #[arg(long, env = "INFERD_MOCK_TOKEN_DELAY_MS", value_name = "MS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_TOKEN_DELAY_MS", value_name = "MS"))]
     pub mock_token_delay_ms: Option<u64>,
     /// Mock: fail `before` the stream or `after:N` tokens.
-    #[arg(long, env = "INFERD_MOCK_FAIL", value_name = "WHEN")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_FAIL", value_name = "WHEN"))]
     pub mock_fail: Option<String>,
     /// Mock: take this long to load, publishing progress.
-    #[arg(long, env = "INFERD_MOCK_LOAD_MS", value_name = "MS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_LOAD_MS", value_name = "MS"))]
     pub mock_load_ms: Option<u64>,
 }
 
