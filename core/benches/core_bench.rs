@@ -108,7 +108,7 @@ fn start_request(d: &mut Daemon, sink: &mut Sink, clock: &mut Clock, conn: ConnI
     sink.started = None;
     let mut line = LINE.to_vec();
     line.push(b'\n');
-    d.handle(clock.tick(), Input::Received { conn, bytes: &line });
+    d.handle(clock.tick(), Input::Received { conn, bytes: line.clone() });
     sink.drain(d);
     sink.started.take().expect("the request started")
 }
@@ -196,7 +196,7 @@ fn bench_small_request(iters: u32) -> f64 {
     line.push(b'\n');
     let start = Instant::now();
     for _ in 0..iters {
-        d.handle(clock.tick(), Input::Received { conn, bytes: &line });
+        d.handle(clock.tick(), Input::Received { conn, bytes: line.clone() });
         sink.drain(&mut d);
         let generation = sink.started.take().expect("the request started");
         let event = EngineEvent::Token(b"hello".to_vec());

@@ -86,7 +86,7 @@ pub struct Peer {
 
 /// Everything that can happen to the daemon.
 #[derive(Debug)]
-pub enum Input<'a> {
+pub enum Input {
     /// The shell accepted a connection and named it `conn`.
     Accepted {
         /// The new connection's name.
@@ -100,8 +100,9 @@ pub enum Input<'a> {
     Received {
         /// Which connection.
         conn: ConnId,
-        /// What was read.
-        bytes: &'a [u8],
+        /// What was read. Owned, so that an input can travel through a channel from
+        /// the host's event sources to the loop that feeds the daemon.
+        bytes: Vec<u8>,
     },
     /// The peer shut down its write side (read returned 0). It may still be reading.
     ReadClosed {
@@ -524,14 +525,14 @@ impl Daemon {
     }
 
     /// Feeds one input at time `now` (never earlier than the last `now`).
-    pub fn handle(&mut self, now: Time, input: Input<'_>) {
+    pub fn handle(&mut self, now: Time, input: Input) {
         self.now = self.now.max(now);
         if self.phase == Phase::Exited {
             return;
         }
         match input {
             Input::Accepted { conn, listener, peer } => self.on_accepted(conn, listener, peer),
-            Input::Received { conn, bytes } => self.on_received(conn, bytes),
+            Input::Received { conn, bytes } => self.on_received(conn, &bytes),
             Input::ReadClosed { conn } => self.on_read_closed(conn),
             Input::HungUp { conn } => self.drop_conn(conn),
             Input::Flushed { conn } => self.on_flushed(conn),

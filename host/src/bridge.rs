@@ -10,9 +10,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use async_channel::Sender;
 
-use crate::event::Event;
 use inferd_core::engine::{CancelFlag, Engine, EngineError, EngineEvent, GenerateRequest};
-use inferd_core::{BackendId, GenId};
+use inferd_core::{BackendId, GenId, Input};
 
 struct Job {
     generation: GenId,
@@ -32,9 +31,9 @@ struct Queue {
 pub struct EnginePool {
     engines: Vec<Arc<dyn Engine>>,
     /// Loading progress and failures the driver raises itself (never blocks).
-    events: Sender<Event>,
+    events: Sender<Input>,
     /// Generation events; bounded, so an engine faster than the driver waits for it.
-    generations: Sender<Event>,
+    generations: Sender<Input>,
     shared: Arc<(Mutex<Queue>, Condvar)>,
 }
 
@@ -44,8 +43,8 @@ impl EnginePool {
     /// that keeps a fast engine from burying the driver's socket events.
     pub fn new(
         engines: Vec<Arc<dyn Engine>>,
-        events: Sender<Event>,
-        generations: Sender<Event>,
+        events: Sender<Input>,
+        generations: Sender<Input>,
     ) -> Self {
         EnginePool { engines, events, generations, shared: Arc::default() }
     }
@@ -61,27 +60,27 @@ impl EnginePool {
                     let progress_events = events.clone();
                     let mut progress = |phase| {
                         let _ =
-                            progress_events.send_blocking(Event::BackendPhase { backend, phase });
+                            progress_events.send_blocking(Input::BackendPhase { backend, phase });
                     };
                     let outcome = catch_unwind(AssertUnwindSafe(|| engine.load(&mut progress)))
                         .unwrap_or_else(|_| {
                             Err(EngineError::internal("engine panicked while loading"))
                         });
                     let event = match outcome {
-                        Ok(capabilities) => Event::BackendLoaded { backend, capabilities },
-                        Err(error) => Event::BackendFailed { backend, error },
+                        Ok(capabilities) => Input::BackendLoaded { backend, capabilities },
+                        Err(error) => Input::BackendFailed { backend, error },
                     };
                     let _ = events.send_blocking(event);
                 },
             );
             if let Err(e) = spawned {
                 let error = EngineError::internal(format!("cannot start a loader thread: {e}"));
-                let _ = self.events.try_send(Event::BackendFailed { backend, error });
+                let _ = self.events.try_send(Input::BackendFailed { backend, error });
             }
         }
     }
 
-    /// Starts a generation; its events arrive as [`Event::Engine`], on the channel, or
+    /// Starts a generation; its events arrive as [`Input::Engine`], on the channel, or
     /// appended to `inline` when the engine ran it on this thread (see
     /// [`Engine::runs_inline`]).
     pub fn start(
@@ -89,23 +88,23 @@ impl EnginePool {
         generation: GenId,
         backend: BackendId,
         request: GenerateRequest,
-        inline: &mut VecDeque<Event>,
+        inline: &mut VecDeque<Input>,
     ) -> CancelFlag {
         let cancel = CancelFlag::new();
         let Some(engine) = self.engines.get(backend.0).cloned() else {
             let event = EngineEvent::Failed(EngineError::internal("no such backend"));
-            inline.push_back(Event::Engine { generation, event });
+            inline.push_back(Input::Engine { generation, event });
             return cancel;
         };
         if engine.runs_inline(&request) {
             let mut on_token = |bytes: &[u8]| {
                 let event = EngineEvent::Token(bytes.to_vec());
-                inline.push_back(Event::Engine { generation, event });
+                inline.push_back(Input::Engine { generation, event });
             };
             let event = finish_event(catch_unwind(AssertUnwindSafe(|| {
                 engine.generate(&request, &cancel, &mut on_token)
             })));
-            inline.push_back(Event::Engine { generation, event });
+            inline.push_back(Input::Engine { generation, event });
             return cancel;
         }
         let (lock, cvar) = &*self.shared;
@@ -134,7 +133,7 @@ impl EnginePool {
                 let event = EngineEvent::Failed(EngineError::unavailable(format!(
                     "cannot start an engine thread: {e}"
                 )));
-                let _ = self.events.try_send(Event::Engine { generation: job.generation, event });
+                let _ = self.events.try_send(Input::Engine { generation: job.generation, event });
             }
         }
     }
@@ -148,7 +147,7 @@ impl Drop for EnginePool {
     }
 }
 
-fn worker(shared: Arc<(Mutex<Queue>, Condvar)>, events: Sender<Event>) {
+fn worker(shared: Arc<(Mutex<Queue>, Condvar)>, events: Sender<Input>) {
     let (lock, cvar) = &*shared;
     loop {
         let job = {
@@ -169,16 +168,16 @@ fn worker(shared: Arc<(Mutex<Queue>, Condvar)>, events: Sender<Event>) {
     }
 }
 
-fn run_job(job: Job, events: &Sender<Event>) {
+fn run_job(job: Job, events: &Sender<Input>) {
     let generation = job.generation;
     let mut on_token = |bytes: &[u8]| {
         let event = EngineEvent::Token(bytes.to_vec());
-        let _ = events.send_blocking(Event::Engine { generation, event });
+        let _ = events.send_blocking(Input::Engine { generation, event });
     };
     let event = finish_event(catch_unwind(AssertUnwindSafe(|| {
         job.engine.generate(&job.request, &job.cancel, &mut on_token)
     })));
-    let _ = events.send_blocking(Event::Engine { generation, event });
+    let _ = events.send_blocking(Input::Engine { generation, event });
 }
 
 /// The terminal event of a generation; a panic becomes an internal failure.

@@ -26,8 +26,7 @@ use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
-use crate::event::Event;
-use inferd_core::{ConnId, ListenerKind, Peer, Time, Transport};
+use inferd_core::{ConnId, Input, ListenerKind, Peer, Time, Transport};
 
 /// Readiness events taken from the kernel per `epoll_wait`.
 const EPOLL_BATCH: usize = 256;
@@ -216,7 +215,7 @@ impl Conns {
     /// connections that have a read credit, continues pending writes, notices hang-ups.
     /// What happened is appended to `out`. Returns true when the set was drained (the
     /// epoll descriptor is no longer readable unless something new happened since).
-    pub fn poll(&mut self, now: Time, out: &mut VecDeque<Event>) -> io::Result<bool> {
+    pub fn poll(&mut self, now: Time, out: &mut VecDeque<Input>) -> io::Result<bool> {
         self.wake_rested(now);
         // On the stack: rustix's event holds a pointer variant, which would make the set
         // (and the driver future holding it) not `Send`.
@@ -264,7 +263,7 @@ impl Conns {
         }
     }
 
-    fn accept_from(&mut self, index: usize, now: Time, out: &mut VecDeque<Event>) {
+    fn accept_from(&mut self, index: usize, now: Time, out: &mut VecDeque<Input>) {
         for _ in 0..ACCEPTS_PER_POLL {
             let Some(Some(listener)) = self.listeners.get(index) else { return };
             match listener.accept() {
@@ -290,7 +289,7 @@ impl Conns {
                             written: 0,
                         },
                     );
-                    out.push_back(Event::Accepted { conn, listener, peer });
+                    out.push_back(Input::Accepted { conn, listener, peer });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // The client left before we accepted it, or a signal came: next one.
@@ -335,7 +334,7 @@ impl Conns {
         }
     }
 
-    fn on_ready(&mut self, conn: ConnId, flags: EventFlags, out: &mut VecDeque<Event>) {
+    fn on_ready(&mut self, conn: ConnId, flags: EventFlags, out: &mut VecDeque<Input>) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if flags.intersects(EventFlags::IN | EventFlags::RDHUP) {
             c.readable = true;
@@ -358,22 +357,22 @@ impl Conns {
     /// Gives `conn` a read credit and reads at once if input is known to be waiting;
     /// otherwise the read happens at the next input edge. The bytes (or the end of
     /// input, or the hang-up) are appended to `out`.
-    pub fn read(&mut self, conn: ConnId, out: &mut VecDeque<Event>) {
+    pub fn read(&mut self, conn: ConnId, out: &mut VecDeque<Input>) {
         match self.conns.get_mut(&conn) {
             Some(c) => {
                 c.credit = true;
                 c.try_read(conn, out);
             }
-            None => out.push_back(Event::HungUp { conn }),
+            None => out.push_back(Input::HungUp { conn }),
         }
     }
 
     /// Writes `bytes` to `conn` now, as far as the socket takes them; the rest goes out
     /// at the next output edges. `Flushed` (or the hang-up) is appended to `out` once
     /// everything is written.
-    pub fn send(&mut self, conn: ConnId, bytes: Vec<u8>, out: &mut VecDeque<Event>) {
+    pub fn send(&mut self, conn: ConnId, bytes: Vec<u8>, out: &mut VecDeque<Input>) {
         let Some(c) = self.conns.get_mut(&conn) else {
-            out.push_back(Event::HungUp { conn });
+            out.push_back(Input::HungUp { conn });
             return;
         };
         if c.written == c.out.len() {
@@ -407,15 +406,15 @@ impl Conns {
 }
 
 impl Conn {
-    fn report_hangup(&mut self, conn: ConnId, out: &mut VecDeque<Event>) {
+    fn report_hangup(&mut self, conn: ConnId, out: &mut VecDeque<Input>) {
         if !self.hup_reported {
             self.hup_reported = true;
             self.credit = false;
-            out.push_back(Event::HungUp { conn });
+            out.push_back(Input::HungUp { conn });
         }
     }
 
-    fn try_read(&mut self, conn: ConnId, out: &mut VecDeque<Event>) {
+    fn try_read(&mut self, conn: ConnId, out: &mut VecDeque<Input>) {
         if !self.credit || !self.readable || self.hup_reported {
             return;
         }
@@ -432,7 +431,7 @@ impl Conn {
         match got {
             Ok(bytes) if bytes.is_empty() => {
                 self.credit = false;
-                out.push_back(Event::ReadClosed { conn });
+                out.push_back(Input::ReadClosed { conn });
             }
             Ok(bytes) => {
                 self.credit = false;
@@ -441,7 +440,7 @@ impl Conn {
                 if bytes.len() < READ_CHUNK && !self.read_hup {
                     self.readable = false;
                 }
-                out.push_back(Event::Received { conn, bytes });
+                out.push_back(Input::Received { conn, bytes });
             }
             Err(Errno::AGAIN) => self.readable = false,
             Err(_) => self.report_hangup(conn, out),
@@ -466,7 +465,7 @@ impl Conn {
         Ok(())
     }
 
-    fn flush(&mut self, conn: ConnId, out: &mut VecDeque<Event>) {
+    fn flush(&mut self, conn: ConnId, out: &mut VecDeque<Input>) {
         if self.hup_reported {
             return;
         }
@@ -474,7 +473,7 @@ impl Conn {
             Ok(()) if self.written == self.out.len() => {
                 self.out = Vec::new();
                 self.written = 0;
-                out.push_back(Event::Flushed { conn });
+                out.push_back(Input::Flushed { conn });
             }
             Ok(()) => {}
             Err(_) => self.report_hangup(conn, out),
@@ -498,7 +497,7 @@ mod tests {
         (set, path)
     }
 
-    fn poll(set: &mut Conns) -> Vec<Event> {
+    fn poll(set: &mut Conns) -> Vec<Input> {
         let mut out = VecDeque::new();
         assert!(set.poll(Time::ZERO, &mut out).unwrap(), "small sets drain in one poll");
         out.into()
@@ -509,7 +508,7 @@ mod tests {
         let client = UnixStream::connect(path).unwrap();
         let events = poll(set);
         match events.as_slice() {
-            [Event::Accepted { conn, listener: ListenerKind::Inference, peer }] => {
+            [Input::Accepted { conn, listener: ListenerKind::Inference, peer }] => {
                 assert_eq!(peer.uid, Some(rustix::process::getuid().as_raw()));
                 (client, *conn)
             }
@@ -517,15 +516,15 @@ mod tests {
         }
     }
 
-    fn read_now(set: &mut Conns, conn: ConnId) -> Vec<Event> {
+    fn read_now(set: &mut Conns, conn: ConnId) -> Vec<Input> {
         let mut out = VecDeque::new();
         set.read(conn, &mut out);
         out.into()
     }
 
-    fn received(events: &[Event]) -> Vec<u8> {
+    fn received(events: &[Input]) -> Vec<u8> {
         match events {
-            [Event::Received { bytes, .. }] => bytes.clone(),
+            [Input::Received { bytes, .. }] => bytes.clone(),
             other => panic!("expected one Received, got {other:?}"),
         }
     }
@@ -560,17 +559,17 @@ mod tests {
         // Both arrived before the set looked; the end must still be read after the data.
         assert!(poll(&mut set).is_empty());
         assert_eq!(received(&read_now(&mut set, conn)), b"{\"messages\":[]}\n");
-        assert!(matches!(read_now(&mut set, conn).as_slice(), [Event::ReadClosed { .. }]));
+        assert!(matches!(read_now(&mut set, conn).as_slice(), [Input::ReadClosed { .. }]));
         // The reply still goes out.
         let mut out = VecDeque::new();
         set.send(conn, b"reply\n".to_vec(), &mut out);
-        assert!(matches!(out.pop_front(), Some(Event::Flushed { conn: c }) if c == conn));
+        assert!(matches!(out.pop_front(), Some(Input::Flushed { conn: c }) if c == conn));
         let mut got = [0u8; 6];
         client.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"reply\n");
         // Then the client goes: reported once, as a hang-up.
         drop(client);
-        assert!(matches!(poll(&mut set).as_slice(), [Event::HungUp { conn: c }] if *c == conn));
+        assert!(matches!(poll(&mut set).as_slice(), [Input::HungUp { conn: c }] if *c == conn));
         assert!(poll(&mut set).is_empty());
     }
 
@@ -584,7 +583,7 @@ mod tests {
         // A queued request: written, never read, then the client leaves.
         (&b).write_all(b"queued\n").unwrap();
         drop(b);
-        assert!(matches!(poll(&mut set).as_slice(), [Event::HungUp { conn }] if *conn == b_id));
+        assert!(matches!(poll(&mut set).as_slice(), [Input::HungUp { conn }] if *conn == b_id));
         // The others stay quiet; a credit for the gone one reads nothing.
         assert!(poll(&mut set).is_empty());
         assert!(read_now(&mut set, b_id).is_empty());
@@ -612,7 +611,7 @@ mod tests {
         });
         let mut flushed = false;
         for _ in 0..100_000 {
-            if poll(&mut set).iter().any(|e| matches!(e, Event::Flushed { conn: c } if *c == conn))
+            if poll(&mut set).iter().any(|e| matches!(e, Input::Flushed { conn: c } if *c == conn))
             {
                 flushed = true;
                 break;
@@ -645,7 +644,7 @@ mod tests {
         let mut out = VecDeque::new();
         set.send(conn, b"late\n".to_vec(), &mut out);
         set.read(conn, &mut out);
-        assert!(out.iter().all(|e| matches!(e, Event::HungUp { conn: c } if *c == conn)));
+        assert!(out.iter().all(|e| matches!(e, Input::HungUp { conn: c } if *c == conn)));
         assert_eq!(out.len(), 2);
         set.close(conn);
     }

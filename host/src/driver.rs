@@ -20,7 +20,6 @@ use async_channel::{Receiver, Sender};
 
 use crate::bridge::EnginePool;
 use crate::conns::Conns;
-pub use crate::event::Event;
 use crate::logfile::ActivityLogFile;
 use crate::socket;
 use crate::time::MonotonicClock;
@@ -95,14 +94,14 @@ pub struct ServeSetup {
 /// A way to reach a running driver from outside: stop it and read its counters.
 #[derive(Clone, Debug)]
 pub struct DriverHandle {
-    events: Sender<Event>,
+    events: Sender<Input>,
     stats: Arc<std::sync::Mutex<Stats>>,
 }
 
 impl DriverHandle {
     /// Asks the daemon to drain and exit, as SIGTERM does.
     pub fn shutdown(&self) {
-        let _ = self.events.try_send(Event::Shutdown);
+        let _ = self.events.try_send(Input::Shutdown);
     }
 
     /// The counters as of the driver's last step.
@@ -111,7 +110,7 @@ impl DriverHandle {
     }
 
     /// A sender of events into the driver (signals, tests).
-    pub fn events(&self) -> Sender<Event> {
+    pub fn events(&self) -> Sender<Input> {
         self.events.clone()
     }
 }
@@ -120,8 +119,8 @@ impl DriverHandle {
 pub struct Driver<R: Runtime> {
     rt: R,
     setup: ServeSetup,
-    tx: Sender<Event>,
-    rx: Receiver<Event>,
+    tx: Sender<Input>,
+    rx: Receiver<Input>,
     stats: Arc<std::sync::Mutex<Stats>>,
 }
 
@@ -189,11 +188,11 @@ struct Serving {
     /// Cancellation flags of the generations under way.
     cancels: HashMap<GenId, CancelFlag>,
     /// What the last outputs brought (bytes read, flushes, inline engine events).
-    pending: VecDeque<Event>,
+    pending: VecDeque<Input>,
     /// Control and loading events (unbounded).
-    rx: Receiver<Event>,
+    rx: Receiver<Input>,
     /// Generation events (bounded; see `GENERATION_EVENTS`).
-    gen_rx: Receiver<Event>,
+    gen_rx: Receiver<Input>,
     log: Option<ActivityLogFile>,
     /// The activity log's writes are failing (reported once per streak).
     log_failing: bool,
@@ -215,7 +214,7 @@ struct Serving {
 /// What [`Serving::next_event`] found.
 enum Next {
     /// An event to feed.
-    Event(Event),
+    Event(Input),
     /// Something was done instead (a timer fired, sockets reported); go round again.
     Again,
     /// The host cannot go on.
@@ -347,7 +346,7 @@ impl Serving {
 
     /// The next queued event, in the one order of preference: what the last outputs
     /// brought, then control events, then (when `engine` allows) engine events.
-    fn take_queued(&mut self, engine: bool) -> Option<Event> {
+    fn take_queued(&mut self, engine: bool) -> Option<Input> {
         if let Some(event) = self.pending.pop_front() {
             return Some(event);
         }
@@ -433,7 +432,7 @@ impl Serving {
     /// Feeds `first` and every event already queued after it (up to `MAX_BATCH`) before
     /// the outputs are carried out, so that what one wake-up brought (a token and the
     /// done after it, a flush and the next request) leaves as one write.
-    fn feed_batch(&mut self, first: Event) {
+    fn feed_batch(&mut self, first: Input) {
         let now = self.clock.now();
         let mut event = first;
         let mut batch = 1;
@@ -450,37 +449,16 @@ impl Serving {
         }
     }
 
-    /// Hands one event to the daemon as its input.
-    fn feed(&mut self, now: Time, event: Event) {
-        let daemon = &mut self.daemon;
-        match event {
-            Event::Accepted { conn, listener, peer } => {
-                daemon.handle(now, Input::Accepted { conn, listener, peer });
+    /// Hands one event to the daemon; a generation's last event also retires its
+    /// cancel flag.
+    fn feed(&mut self, now: Time, input: Input) {
+        if let Input::Engine { generation, event } = &input {
+            self.since_poll += 1;
+            if !matches!(event, EngineEvent::Token(_)) {
+                self.cancels.remove(generation);
             }
-            Event::Received { conn, bytes } => {
-                daemon.handle(now, Input::Received { conn, bytes: &bytes })
-            }
-            Event::ReadClosed { conn } => daemon.handle(now, Input::ReadClosed { conn }),
-            Event::HungUp { conn } => daemon.handle(now, Input::HungUp { conn }),
-            Event::Flushed { conn } => daemon.handle(now, Input::Flushed { conn }),
-            Event::Engine { generation, event } => {
-                self.since_poll += 1;
-                if !matches!(event, EngineEvent::Token(_)) {
-                    self.cancels.remove(&generation);
-                }
-                daemon.handle(now, Input::Engine { generation, event });
-            }
-            Event::BackendPhase { backend, phase } => {
-                daemon.handle(now, Input::BackendPhase { backend, phase })
-            }
-            Event::BackendLoaded { backend, capabilities } => {
-                daemon.handle(now, Input::BackendLoaded { backend, capabilities })
-            }
-            Event::BackendFailed { backend, error } => {
-                daemon.handle(now, Input::BackendFailed { backend, error })
-            }
-            Event::Shutdown => daemon.handle(now, Input::Shutdown),
         }
+        self.daemon.handle(now, input);
     }
 
     /// Whatever the reason for leaving: closes connections, stops engines, tidies files.
@@ -534,7 +512,7 @@ fn flush_log(log: &mut ActivityLogFile, failing: &mut bool, daemon: &mut Daemon)
 /// What ended a wait.
 enum Woken {
     /// An event came on a channel.
-    Event(Event),
+    Event(Input),
     /// The socket set has something to report.
     Sockets,
     /// Waiting for the socket set failed.
@@ -545,8 +523,8 @@ enum Woken {
 
 /// Waits for the next event, socket readiness or the deadline.
 async fn wait(
-    rx: &Receiver<Event>,
-    gen_rx: &Receiver<Event>,
+    rx: &Receiver<Input>,
+    gen_rx: &Receiver<Input>,
     ready: &mut dyn Readiness,
     timer: Option<&mut dyn Timer>,
 ) -> Woken {

@@ -19,6 +19,5 @@ pub mod time;
 pub mod bridge;
 pub mod conns;
 pub mod driver;
-pub mod event;
 #[cfg(test)]
 mod testutil;

@@ -835,7 +835,7 @@ impl Sim {
     }
 
     /// Feeds one input, drains every output, checks the invariants.
-    fn feed(&mut self, input: Input<'_>) {
+    fn feed(&mut self, input: Input) {
         self.trace_input(&input);
         if let Input::Received { bytes, .. } = &input {
             self.largest_read = self.largest_read.max(bytes.len());
@@ -1332,7 +1332,7 @@ impl Sim {
                 let prev = self.req_by_id.insert(rid, req);
                 assert!(prev.is_none(), "sim bug: duplicate HTTP request id");
             }
-            self.feed(Input::Received { conn: ConnId(c), bytes: &bytes });
+            self.feed(Input::Received { conn: ConnId(c), bytes });
         } else if conn.eof_written {
             conn.credit = false;
             self.feed(Input::ReadClosed { conn: ConnId(c) });
@@ -2139,7 +2139,7 @@ impl Sim {
         }
     }
 
-    fn trace_input(&mut self, i: &Input<'_>) {
+    fn trace_input(&mut self, i: &Input) {
         let t = self.now;
         let tr = &mut self.trace;
         match i {

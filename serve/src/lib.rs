@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Args;
 use inferd_core::activity::{Level, Record};
 use inferd_core::engine::Engine;
 use inferd_core::{BackendSpec, ConfigError, DaemonConfig, Settings};
@@ -24,111 +23,116 @@ use serde_json::Value;
 // clap turns these doc comments into `--help` text, where `<runtime-dir>` is a
 // placeholder, not an HTML tag.
 #[allow(rustdoc::invalid_html_tags)]
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ServeArgs {
     /// Config file (JSON). Missing is fine at the default path, an error elsewhere.
-    #[arg(long, env = "INFERD_CONFIG", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_CONFIG", value_name = "PATH"))]
     pub config: Option<PathBuf>,
     /// Backend to serve: `mock` or `llamacpp` (replaces the config's backend list). An
     /// `openai-compat` upstream is configured in the config file's `backends` list.
-    #[arg(long, env = "INFERD_BACKEND", value_name = "KIND")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_BACKEND", value_name = "KIND"))]
     pub backend: Option<String>,
     /// Runtime directory for the sockets and the lock [default: $XDG_RUNTIME_DIR/inferd,
     /// then ~/.inferd/run, then /tmp/inferd-<uid>].
-    #[arg(long, env = "INFERD_RUNTIME_DIR", value_name = "DIR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_RUNTIME_DIR", value_name = "DIR"))]
     pub runtime_dir: Option<String>,
     /// Lock file [default: <runtime-dir>/inferd.lock].
-    #[arg(long, env = "INFERD_LOCK", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_LOCK", value_name = "PATH"))]
     pub lock: Option<String>,
     /// Inference socket [default: <runtime-dir>/infer.sock].
-    #[arg(long, env = "INFERD_UDS", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_UDS", value_name = "PATH"))]
     pub uds: Option<String>,
     /// Admin socket [default: <runtime-dir>/admin.sock].
-    #[arg(long, env = "INFERD_ADMIN_ADDR", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_ADMIN_ADDR", value_name = "PATH"))]
     pub admin_addr: Option<String>,
     /// Also serve inference on this loopback TCP address (e.g. 127.0.0.1:47321).
-    #[arg(long, env = "INFERD_TCP", value_name = "ADDR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_TCP", value_name = "ADDR"))]
     pub tcp: Option<String>,
     /// Also serve the OpenAI-compatible HTTP API on this loopback TCP address (e.g.
     /// 127.0.0.1:8080). Without --api-key it is open to every local user.
-    #[arg(long, env = "INFERD_HTTP", value_name = "ADDR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_HTTP", value_name = "ADDR"))]
     pub http: Option<String>,
     /// Key TCP clients must present in their first line, and HTTP clients as
     /// `Authorization: Bearer KEY`.
-    #[arg(long, env = "INFERD_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, env = "INFERD_API_KEY", value_name = "KEY", hide_env_values = true)
+    )]
     pub api_key: Option<String>,
     /// Group given read/write access to the inference socket.
-    #[arg(long, env = "INFERD_GROUP", value_name = "GROUP")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_GROUP", value_name = "GROUP"))]
     pub group: Option<String>,
     /// Requests generating at once [default: the sum of the backends' parallelism:
     /// `--n-parallel` for llamacpp, 1 for mock].
-    #[arg(long, env = "INFERD_ACTIVE_PERMITS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_ACTIVE_PERMITS", value_name = "N"))]
     pub active_permits: Option<u32>,
     /// Requests waiting at once [default: 10].
-    #[arg(long, env = "INFERD_QUEUE_DEPTH", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_QUEUE_DEPTH", value_name = "N"))]
     pub queue_depth: Option<u32>,
     /// Give up when the backends are not ready after this long; 0 waits forever [default: 600].
-    #[arg(long, env = "INFERD_READY_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_READY_TIMEOUT_SECS", value_name = "SECS"))]
     pub ready_timeout_secs: Option<u64>,
     /// Drop a client whose frames cannot be written for this long; 0 disables [default: 60].
-    #[arg(long, env = "INFERD_WRITE_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_WRITE_TIMEOUT_SECS", value_name = "SECS"))]
     pub write_timeout_secs: Option<u64>,
     /// Close a client whose request line is unfinished after this long; 0 disables [default: 60].
-    #[arg(long, env = "INFERD_READ_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_READ_TIMEOUT_SECS", value_name = "SECS"))]
     pub read_timeout_secs: Option<u64>,
     /// Let in-flight generations finish for this long on shutdown [default: 30].
-    #[arg(long, env = "INFERD_DRAIN_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_DRAIN_TIMEOUT_SECS", value_name = "SECS"))]
     pub drain_timeout_secs: Option<u64>,
     /// Open inference connections at most [default: 1024].
-    #[arg(long, env = "INFERD_MAX_CONNECTIONS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MAX_CONNECTIONS", value_name = "N"))]
     pub max_connections: Option<u32>,
     /// Close a TCP client that has not sent its key line after this long; 0 disables
     /// [default: 10]. Unauthenticated TCP clients may also hold at most a quarter of
     /// --max-connections at once, so they cannot lock out Unix-socket clients.
-    #[arg(long, env = "INFERD_AUTH_TIMEOUT_SECS", value_name = "SECS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_AUTH_TIMEOUT_SECS", value_name = "SECS"))]
     pub auth_timeout_secs: Option<u64>,
     /// Admin subscribers at most; a newcomer replaces the oldest one that lags behind,
     /// or is refused when none lags [default: 64].
-    #[arg(long, env = "INFERD_MAX_ADMIN_SUBSCRIBERS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MAX_ADMIN_SUBSCRIBERS", value_name = "N"))]
     pub max_admin_subscribers: Option<u64>,
     /// Activity log directory [default: $INFERD_LOG_DIR, then ~/.inferd/logs].
-    #[arg(long, env = "INFERD_LOG_DIR", value_name = "DIR")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_LOG_DIR", value_name = "DIR"))]
     pub log_dir: Option<String>,
     /// GGUF model for the llamacpp backend.
-    #[arg(long, env = "INFERD_MODEL_PATH", value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MODEL_PATH", value_name = "PATH"))]
     pub model_path: Option<String>,
     /// Refuse to start unless the model file has this SHA-256.
-    #[arg(long, env = "INFERD_MODEL_SHA256", value_name = "HEX")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MODEL_SHA256", value_name = "HEX"))]
     pub model_sha256: Option<String>,
     /// Context length of each llamacpp sequence; 0 uses the model's [default: 4096]. The
     /// KV cache holds n_parallel x n_ctx tokens.
-    #[arg(long, env = "INFERD_N_CTX", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_CTX", value_name = "N"))]
     pub n_ctx: Option<u32>,
     /// Sequences a llamacpp backend decodes together (continuous batching) [default: 4].
-    #[arg(long, env = "INFERD_N_PARALLEL", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_PARALLEL", value_name = "N"))]
     pub n_parallel: Option<u32>,
     /// Layers to offload to a GPU (llamacpp) [default: 0].
-    #[arg(long, env = "INFERD_N_GPU_LAYERS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_GPU_LAYERS", value_name = "N"))]
     pub n_gpu_layers: Option<u32>,
     /// CPU threads for llamacpp [default: up to 4].
-    #[arg(long, env = "INFERD_N_THREADS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_N_THREADS", value_name = "N"))]
     pub n_threads: Option<u32>,
     /// Mock: produce exactly N tokens (cycling the echoed words).
-    #[arg(long, env = "INFERD_MOCK_TOKENS", value_name = "N")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_TOKENS", value_name = "N"))]
     pub mock_tokens: Option<u32>,
     /// Mock: delay before each token.
-    #[arg(long, env = "INFERD_MOCK_TOKEN_DELAY_MS", value_name = "MS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_TOKEN_DELAY_MS", value_name = "MS"))]
     pub mock_token_delay_ms: Option<u64>,
     /// Mock: fail `before` the stream or `after:N` tokens.
-    #[arg(long, env = "INFERD_MOCK_FAIL", value_name = "WHEN")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_FAIL", value_name = "WHEN"))]
     pub mock_fail: Option<String>,
     /// Mock: take this long to load, publishing progress.
-    #[arg(long, env = "INFERD_MOCK_LOAD_MS", value_name = "MS")]
+    #[cfg_attr(feature = "cli", arg(long, env = "INFERD_MOCK_LOAD_MS", value_name = "MS"))]
     pub mock_load_ms: Option<u64>,
 }
 
 /// Why `serve` cannot start: what to tell the operator, and which kind of failure it is
-/// (the shells map the kind to an exit status).
+/// (the shells map the kind to an exit status). Where the failure has a typed cause (a
+/// backend's options, say), [`std::error::Error::source`] hands it out.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StartError {
@@ -136,6 +140,9 @@ pub struct StartError {
     pub message: String,
     /// Whose mistake it is.
     pub kind: StartErrorKind,
+    /// The typed cause, when there is one.
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 /// The two kinds of start-up failure, which a shell tells apart in its exit status.
@@ -161,17 +168,40 @@ impl StartErrorKind {
 impl StartError {
     /// A configuration mistake.
     pub fn usage(message: impl Into<String>) -> Self {
-        StartError { message: message.into(), kind: StartErrorKind::Usage }
+        StartError { message: message.into(), kind: StartErrorKind::Usage, source: None }
     }
     /// Any other start-up failure.
     pub fn fail(message: impl Into<String>) -> Self {
-        StartError { message: message.into(), kind: StartErrorKind::Failed }
+        StartError { message: message.into(), kind: StartErrorKind::Failed, source: None }
+    }
+    /// Any other start-up failure with a typed cause, told as the cause's own message.
+    pub fn fail_from(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StartError::fail(cause.to_string()).because(cause)
+    }
+    /// The same error, with `cause` as its typed source (the message stays as it is).
+    pub fn because(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(cause));
+        self
+    }
+    /// A configuration mistake with a typed cause, told as the cause's own message.
+    pub fn usage_from(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StartError {
+            message: cause.to_string(),
+            kind: StartErrorKind::Usage,
+            source: Some(Box::new(cause)),
+        }
     }
 }
 
 impl From<ConfigError> for StartError {
     fn from(e: ConfigError) -> Self {
-        StartError::usage(e.to_string())
+        StartError::usage_from(e)
+    }
+}
+
+impl From<BackendError> for StartError {
+    fn from(e: BackendError) -> Self {
+        StartError::usage_from(e)
     }
 }
 
@@ -225,16 +255,15 @@ impl ServeArgs {
         };
         let mut settings = match path {
             Some(path) => match std::fs::read_to_string(&path) {
-                Ok(text) => Settings::from_json(&text)
-                    .map_err(|e| StartError::usage(format!("{}: {e}", path.display())))?,
+                Ok(text) => Settings::from_json(&text).map_err(|e| {
+                    StartError::usage(format!("{}: {e}", path.display())).because(e)
+                })?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                     Settings::default()
                 }
                 Err(e) => {
-                    return Err(StartError::usage(format!(
-                        "cannot read config file {}: {e}",
-                        path.display()
-                    )));
+                    let message = format!("cannot read config file {}: {e}", path.display());
+                    return Err(StartError::usage(message).because(e));
                 }
             },
             None => Settings::default(),
@@ -244,30 +273,76 @@ impl ServeArgs {
     }
 }
 
+/// Why a configured backend's engine cannot be built; the message names the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A `mock` backend's options are wrong.
+    #[error("backend {backend}: {source}")]
+    Mock {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// What is wrong.
+        #[source]
+        source: inferd_engine_mock::ConfigError,
+    },
+    /// A `llamacpp` backend's options are wrong.
+    #[cfg(feature = "llama")]
+    #[error("backend {backend}: {source}")]
+    Llama {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// What is wrong.
+        #[source]
+        source: inferd_engine_llama::ConfigError,
+    },
+    /// An `openai-compat` backend's options are wrong.
+    #[error("backend {backend}: {source}")]
+    OpenAi {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// What is wrong.
+        #[source]
+        source: inferd_engine_openai_compat::ConfigError,
+    },
+    /// A `llamacpp` backend in a build without the `llama` feature.
+    #[error("backend {backend}: this build has no llama.cpp support (feature `llama` is off)")]
+    NoLlama {
+        /// The backend, as configured (kind and name).
+        backend: String,
+    },
+    /// A kind no engine here serves.
+    #[error("backend {backend}: unknown kind {kind:?}")]
+    UnknownKind {
+        /// The backend, as configured (kind and name).
+        backend: String,
+        /// The kind as written.
+        kind: String,
+    },
+}
+
 /// Builds the engine for one configured backend.
-pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, String> {
+pub fn build_engine(spec: &BackendSpec) -> Result<Arc<dyn Engine>, BackendError> {
+    let backend = || spec.to_string();
     match spec.kind.as_str() {
         "mock" => {
             let cfg = MockConfig::from_options(&spec.options)
-                .map_err(|e| format!("backend {spec}: {e}"))?;
+                .map_err(|source| BackendError::Mock { backend: backend(), source })?;
             Ok(Arc::new(MockEngine::new(cfg)))
         }
         #[cfg(feature = "llama")]
         "llamacpp" => {
             let cfg = LlamaConfig::from_options(&spec.options)
-                .map_err(|e| format!("backend {spec}: {e}"))?;
+                .map_err(|source| BackendError::Llama { backend: backend(), source })?;
             Ok(Arc::new(LlamaEngine::new(cfg)))
         }
         #[cfg(not(feature = "llama"))]
-        "llamacpp" => Err(format!(
-            "backend {spec}: this build has no llama.cpp support (feature `llama` is off)"
-        )),
+        "llamacpp" => Err(BackendError::NoLlama { backend: backend() }),
         "openai-compat" => {
             let cfg = OpenAiConfig::from_options(&spec.options)
-                .map_err(|e| format!("backend {spec}: {e}"))?;
+                .map_err(|source| BackendError::OpenAi { backend: backend(), source })?;
             Ok(Arc::new(OpenAiEngine::new(cfg)))
         }
-        other => Err(format!("backend {spec}: unknown kind {other:?}")),
+        other => Err(BackendError::UnknownKind { backend: backend(), kind: other.to_owned() }),
     }
 }
 
@@ -351,8 +426,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     if specs.is_empty() {
         return Err(StartError::usage(NO_BACKEND));
     }
-    let engines =
-        specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>().map_err(StartError::usage)?;
+    let engines = specs.iter().map(build_engine).collect::<Result<Vec<_>, _>>()?;
     let config = daemon_config(&settings, &engines)?;
     prepare_files(
         config,
@@ -378,7 +452,7 @@ pub fn prepare_files(
     http: Option<String>,
 ) -> Result<Prepared, StartError> {
     for addr in [&tcp, &http].into_iter().flatten() {
-        socket::parse_loopback_addr(addr).map_err(|e| StartError::usage(e.to_string()))?;
+        socket::parse_loopback_addr(addr).map_err(StartError::usage_from)?;
     }
     let dirs = [
         Some(paths.runtime_dir.as_path()),
@@ -390,13 +464,12 @@ pub fn prepare_files(
         if dir.as_os_str().is_empty() {
             continue;
         }
-        paths::ensure_private_dir(dir).map_err(|e| StartError::fail(e.to_string()))?;
+        paths::ensure_private_dir(dir).map_err(StartError::fail_from)?;
     }
-    let lock = InstanceLock::acquire(&paths.lock).map_err(|e| StartError::fail(e.to_string()))?;
-    let admin = socket::bind_unix_listener(&paths.admin, 0o600)
-        .map_err(|e| StartError::fail(e.to_string()))?;
+    let lock = InstanceLock::acquire(&paths.lock).map_err(StartError::fail_from)?;
+    let admin = socket::bind_unix_listener(&paths.admin, 0o600).map_err(StartError::fail_from)?;
     let mut log = match &paths.log_dir {
-        Some(dir) => Some(ActivityLogFile::open(dir).map_err(|e| StartError::fail(e.to_string()))?),
+        Some(dir) => Some(ActivityLogFile::open(dir).map_err(StartError::fail_from)?),
         None => None,
     };
     let mut config = config;
@@ -534,7 +607,15 @@ mod tests {
         assert_eq!(daemon_config(&settings, &engines).unwrap().active_permits, 6);
         let missing = Settings::from_json(r#"{"backends": [{"kind": "openai-compat"}]}"#).unwrap();
         let err = missing.resolved_backends().iter().map(build_engine).next().unwrap().err();
-        assert!(err.is_some_and(|e| e.contains("base_url")));
+        assert!(err.as_ref().is_some_and(|e| e.to_string().contains("base_url")), "{err:?}");
+        // The engine's own error travels typed under the backend's.
+        assert!(matches!(
+            err,
+            Some(BackendError::OpenAi {
+                source: inferd_engine_openai_compat::ConfigError::Missing { key: "base_url" },
+                ..
+            })
+        ));
     }
 
     #[test]

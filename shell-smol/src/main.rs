@@ -6,7 +6,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use inferd::SmolRuntime;
 use inferd::client::{self, ClientArgs, GenerateArgs, StatusArgs};
-use inferd_host::driver::{Driver, Event};
+use inferd_core::Input;
+use inferd_host::driver::Driver;
 use inferd_host::signals::{
     Caught, SECOND_SIGNAL_EXIT_STATUS, SignalAction, SignalPolicy, startup_banner,
 };
@@ -97,7 +98,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
             match policy.on_signal(caught) {
                 SignalAction::Ignore => {}
                 SignalAction::Drain => {
-                    let _ = events.send(Event::Shutdown).await;
+                    let _ = events.send(Input::Shutdown).await;
                 }
                 SignalAction::ExitNow => std::process::exit(SECOND_SIGNAL_EXIT_STATUS),
             }

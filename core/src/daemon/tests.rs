@@ -74,7 +74,7 @@ impl H {
         h
     }
 
-    fn input(&mut self, i: Input<'_>) {
+    fn input(&mut self, i: Input) {
         self.d.handle(self.now, i);
         self.pump();
     }
@@ -141,7 +141,7 @@ impl H {
 
     fn send(&mut self, conn: ConnId, text: &str) {
         assert!(self.credits.remove(&conn), "the core did not ask to read {conn:?}");
-        self.input(Input::Received { conn, bytes: text.as_bytes() });
+        self.input(Input::Received { conn, bytes: text.as_bytes().to_vec() });
     }
 
     fn line(&mut self, conn: ConnId, line: &str) {
@@ -1002,7 +1002,7 @@ fn bytes_from_an_admin_subscriber_are_ignored() {
     let admin = h.connect_kind(ListenerKind::Admin, Transport::Unix);
     let before = h.frames(admin).len();
     // The admin socket only publishes; whatever a subscriber writes is not a request.
-    h.input(Input::Received { conn: admin, bytes: format!("{HI}\n").as_bytes() });
+    h.input(Input::Received { conn: admin, bytes: format!("{HI}\n").into_bytes() });
     assert!(h.starts.is_empty());
     assert_eq!(h.frames(admin).len(), before, "no error frame either");
     assert!(h.is_open(admin));
@@ -1456,7 +1456,7 @@ fn invalid_utf8_in_an_unknown_field_is_undecodable_and_closes() {
     let mut line = br#"{"id":"u","messages":[{"role":"user","content":"hi"}],"x":""#.to_vec();
     line.extend_from_slice(b"\xff\"}\n");
     assert!(h.credits.remove(&c));
-    h.input(Input::Received { conn: c, bytes: &line });
+    h.input(Input::Received { conn: c, bytes: line.clone() });
     match &h.frames(c)[..] {
         [Frame::Error { id, code: ErrorCode::InvalidRequest, .. }] => assert_eq!(id, ""),
         other => panic!("{other:?}"),

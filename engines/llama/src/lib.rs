@@ -166,21 +166,20 @@ impl LlamaConfig {
     /// Reads a backend's options: `model_path` (required), `model_sha256`, `n_ctx`,
     /// `n_parallel`, `n_batch`, `n_gpu_layers`, `n_threads`. `kind` and `name` are ignored; any other key is an
     /// error naming it.
-    pub fn from_options(options: &Map<String, Value>) -> Result<LlamaConfig, String> {
+    pub fn from_options(options: &Map<String, Value>) -> Result<LlamaConfig, ConfigError> {
         let mut config = LlamaConfig::new(PathBuf::new());
         let mut have_path = false;
         for (key, value) in options {
             match key.as_str() {
                 "kind" | "name" => {}
                 "model_path" => {
-                    let path = value.as_str().ok_or_else(|| {
-                        format!(
-                            "llamacpp option `model_path`: expected a string, got {}",
-                            type_name(value)
-                        )
+                    let path = value.as_str().ok_or_else(|| ConfigError::WrongType {
+                        key: key.clone(),
+                        expected: "a string",
+                        got: type_name(value),
                     })?;
                     if path.is_empty() {
-                        return Err("llamacpp option `model_path`: must not be empty".into());
+                        return Err(ConfigError::Empty { key: key.clone() });
                     }
                     config.model_path = PathBuf::from(path);
                     have_path = true;
@@ -191,17 +190,16 @@ impl LlamaConfig {
                         Value::String(hash) => {
                             let hash = hash.trim();
                             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                                return Err(format!(
-                                    "llamacpp option `model_sha256`: expected 64 hex digits, got `{hash}`"
-                                ));
+                                return Err(ConfigError::BadSha256 { got: hash.to_owned() });
                             }
                             Some(hash.to_ascii_lowercase())
                         }
                         other => {
-                            return Err(format!(
-                                "llamacpp option `model_sha256`: expected a string of 64 hex digits, got {}",
-                                type_name(other)
-                            ));
+                            return Err(ConfigError::WrongType {
+                                key: key.clone(),
+                                expected: "a string of 64 hex digits",
+                                got: type_name(other),
+                            });
                         }
                     }
                 }
@@ -209,7 +207,7 @@ impl LlamaConfig {
                 "n_parallel" | "n_batch" => {
                     let n = unsigned32(key, value)?;
                     if n == 0 {
-                        return Err(format!("llamacpp option `{key}`: must be at least 1"));
+                        return Err(ConfigError::Zero { key: key.clone() });
                     }
                     if key == "n_parallel" {
                         config.n_parallel = n;
@@ -221,21 +219,72 @@ impl LlamaConfig {
                 "n_threads" => {
                     config.n_threads = unsigned32(key, value)?;
                     if config.n_threads == 0 {
-                        return Err("llamacpp option `n_threads`: must be at least 1".into());
+                        return Err(ConfigError::Zero { key: key.clone() });
                     }
                 }
-                other => {
-                    return Err(format!(
-                        "unknown llamacpp option `{other}` (known: model_path, model_sha256, n_ctx, n_parallel, n_batch, n_gpu_layers, n_threads)"
-                    ));
-                }
+                other => return Err(ConfigError::UnknownOption { key: other.to_owned() }),
             }
         }
         if !have_path {
-            return Err("llamacpp option `model_path` is required".into());
+            return Err(ConfigError::Missing { key: "model_path" });
         }
         Ok(config)
     }
+}
+
+/// Why a llamacpp backend's options were refused; each message names the option.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A key llamacpp does not know.
+    #[error(
+        "unknown llamacpp option `{key}` (known: model_path, model_sha256, n_ctx, n_parallel, n_batch, n_gpu_layers, n_threads)"
+    )]
+    UnknownOption {
+        /// The key as written.
+        key: String,
+    },
+    /// The value has the wrong JSON type.
+    #[error("llamacpp option `{key}`: expected {expected}, got {got}")]
+    WrongType {
+        /// The option.
+        key: String,
+        /// What it takes.
+        expected: &'static str,
+        /// What it was given (a JSON type).
+        got: &'static str,
+    },
+    /// A string option that must not be empty is.
+    #[error("llamacpp option `{key}`: must not be empty")]
+    Empty {
+        /// The option.
+        key: String,
+    },
+    /// `model_sha256` is a string but not 64 hex digits.
+    #[error("llamacpp option `model_sha256`: expected 64 hex digits, got `{got}`")]
+    BadSha256 {
+        /// The value as given (trimmed).
+        got: String,
+    },
+    /// An integer option outside 0..=u32::MAX, or not an integer.
+    #[error("llamacpp option `{key}`: expected an integer from 0 to {max}, got {got}", max = u32::MAX)]
+    OutOfRange {
+        /// The option.
+        key: String,
+        /// The number, or the JSON type when it is not one.
+        got: String,
+    },
+    /// A count that must be at least 1 is 0.
+    #[error("llamacpp option `{key}`: must be at least 1")]
+    Zero {
+        /// The option.
+        key: String,
+    },
+    /// A required option is absent.
+    #[error("llamacpp option `{key}` is required")]
+    Missing {
+        /// The option.
+        key: &'static str,
+    },
 }
 
 /// min(4, available cores).
@@ -245,16 +294,13 @@ fn default_threads() -> u32 {
 }
 
 /// `key`'s value as an integer in 0..=u32::MAX, or an error naming the key.
-fn unsigned32(key: &str, value: &Value) -> Result<u32, String> {
-    value.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
-        format!(
-            "llamacpp option `{key}`: expected an integer from 0 to {}, got {}",
-            u32::MAX,
-            match value {
-                Value::Number(n) => n.to_string(),
-                other => type_name(other).to_owned(),
-            }
-        )
+fn unsigned32(key: &str, value: &Value) -> Result<u32, ConfigError> {
+    value.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| ConfigError::OutOfRange {
+        key: key.to_owned(),
+        got: match value {
+            Value::Number(n) => n.to_string(),
+            other => type_name(other).to_owned(),
+        },
     })
 }
 
@@ -692,7 +738,7 @@ mod tests {
             (json!({"model_path": "m", "n_threads": 0}), "n_threads"),
             (json!({"model_path": "m", "n_thread": 1}), "n_thread"),
         ] {
-            let e = LlamaConfig::from_options(&options(opts.clone())).unwrap_err();
+            let e = LlamaConfig::from_options(&options(opts.clone())).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{opts}: {e}");
         }
     }

@@ -49,27 +49,100 @@ pub enum MockFail {
 
 impl MockFail {
     /// Parses the CLI and config form: `none`, `before` or `after:N`.
-    pub fn parse(text: &str) -> Result<MockFail, String> {
+    pub fn parse(text: &str) -> Result<MockFail, MockFailError> {
         let text = text.trim();
         match text {
             "none" => Ok(MockFail::None),
             "before" => Ok(MockFail::Before),
             _ => match text.strip_prefix("after:") {
-                Some(n) => n.trim().parse::<u32>().map(MockFail::After).map_err(|_| {
-                    format!("mock fail `{text}`: `after:` takes a whole number of tokens")
-                }),
-                None => Err(format!("mock fail `{text}`: expected `none`, `before` or `after:N`")),
+                Some(n) => n
+                    .trim()
+                    .parse::<u32>()
+                    .map(MockFail::After)
+                    .map_err(|_| MockFailError::NotACount { text: text.to_owned() }),
+                None => Err(MockFailError::Unknown { text: text.to_owned() }),
             },
         }
     }
 }
 
 impl FromStr for MockFail {
-    type Err = String;
+    type Err = MockFailError;
 
-    fn from_str(text: &str) -> Result<MockFail, String> {
+    fn from_str(text: &str) -> Result<MockFail, MockFailError> {
         MockFail::parse(text)
     }
+}
+
+/// Why a `fail` setting is not one of `none`, `before` or `after:N`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MockFailError {
+    /// `after:` followed by something other than a whole number.
+    #[error("mock fail `{text}`: `after:` takes a whole number of tokens")]
+    NotACount {
+        /// The setting as given (trimmed).
+        text: String,
+    },
+    /// Neither `none`, `before` nor `after:…`.
+    #[error("mock fail `{text}`: expected `none`, `before` or `after:N`")]
+    Unknown {
+        /// The setting as given (trimmed).
+        text: String,
+    },
+}
+
+/// Why a mock backend's options were refused; each message names the option.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A key the mock does not know (a typo must not silently fall back to the echo).
+    #[error("unknown mock option `{key}` (known: {known})", known = KNOWN_OPTIONS.join(", "))]
+    UnknownOption {
+        /// The key as written.
+        key: String,
+    },
+    /// The value has the wrong JSON type, or a value the option cannot take.
+    #[error("mock option `{key}`: expected {expected}, got {got}")]
+    WrongType {
+        /// The option.
+        key: String,
+        /// What it takes.
+        expected: &'static str,
+        /// What it was given (a JSON type).
+        got: &'static str,
+    },
+    /// An item of a string list is not a string.
+    #[error("mock option `{key}`: expected an array of strings, item {index} is {got}")]
+    WrongItemType {
+        /// The option.
+        key: String,
+        /// The item's position, from 0.
+        index: usize,
+        /// What the item is (a JSON type).
+        got: &'static str,
+    },
+    /// A token count past what the engine counts in.
+    #[error("mock option `{key}`: expected a token count below 2^32")]
+    CountTooLarge {
+        /// The option.
+        key: String,
+    },
+    /// `token_count` and its alias `mock_tokens` were both given, with different values.
+    #[error(
+        "mock options `{first}` and `{second}` disagree ({first_value} and {second_value}); give one"
+    )]
+    Disagree {
+        /// The spelling seen first.
+        first: String,
+        /// The spelling seen second.
+        second: String,
+        /// The first one's value.
+        first_value: u32,
+        /// The second one's value.
+        second_value: u32,
+    },
+    /// `fail` is a string but not a failure plan.
+    #[error(transparent)]
+    Fail(#[from] MockFailError),
 }
 
 impl fmt::Display for MockFail {
@@ -108,7 +181,7 @@ impl MockConfig {
     /// `load_ms` (integer), `never_ready` (bool). `kind` and `name` belong to the
     /// backend entry itself and are skipped; any other key is an error so that a typo
     /// does not silently fall back to the echo.
-    pub fn from_options(options: &Map<String, Value>) -> Result<MockConfig, String> {
+    pub fn from_options(options: &Map<String, Value>) -> Result<MockConfig, ConfigError> {
         let mut config = MockConfig::default();
         let mut count_key: Option<&str> = None;
         for (key, value) in options {
@@ -116,16 +189,18 @@ impl MockConfig {
                 "kind" | "name" => {}
                 "tokens" => config.tokens = Some(string_array(key, value)?),
                 "token_count" | "mock_tokens" => {
-                    let n = u32::try_from(unsigned(key, value)?).map_err(|_| {
-                        format!("mock option `{key}`: expected a token count below 2^32")
-                    })?;
+                    let n = u32::try_from(unsigned(key, value)?)
+                        .map_err(|_| ConfigError::CountTooLarge { key: key.clone() })?;
                     // Both spellings are accepted; two different answers are a mistake.
                     if let (Some(other), Some(old)) = (count_key, config.token_count)
                         && old != n
                     {
-                        return Err(format!(
-                            "mock options `{other}` and `{key}` disagree ({old} and {n}); give one"
-                        ));
+                        return Err(ConfigError::Disagree {
+                            first: other.to_owned(),
+                            second: key.clone(),
+                            first_value: old,
+                            second_value: n,
+                        });
                     }
                     count_key = Some(key);
                     config.token_count = Some(n);
@@ -135,53 +210,43 @@ impl MockConfig {
                 }
                 "load_ms" => config.load_delay = Duration::from_millis(unsigned(key, value)?),
                 "fail" => {
-                    let text = value.as_str().ok_or_else(|| {
-                        let got = type_name(value);
-                        format!("mock option `fail`: expected none, before or after:N, got {got}")
-                    })?;
+                    let text = value
+                        .as_str()
+                        .ok_or_else(|| wrong_type(key, "none, before or after:N", value))?;
                     config.fail = MockFail::parse(text)?;
                 }
                 "never_ready" => {
-                    config.never_ready = value.as_bool().ok_or_else(|| {
-                        format!(
-                            "mock option `never_ready`: expected true or false, got {}",
-                            type_name(value)
-                        )
-                    })?;
+                    config.never_ready =
+                        value.as_bool().ok_or_else(|| wrong_type(key, "true or false", value))?;
                 }
-                other => {
-                    return Err(format!(
-                        "unknown mock option `{other}` (known: {})",
-                        KNOWN_OPTIONS.join(", ")
-                    ));
-                }
+                other => return Err(ConfigError::UnknownOption { key: other.to_owned() }),
             }
         }
         Ok(config)
     }
 }
 
+/// The error for `key` holding `value` where it takes `expected`.
+fn wrong_type(key: &str, expected: &'static str, value: &Value) -> ConfigError {
+    ConfigError::WrongType { key: key.to_owned(), expected, got: type_name(value) }
+}
+
 /// `key`'s value as a non-negative integer, or an error naming the key.
-fn unsigned(key: &str, value: &Value) -> Result<u64, String> {
-    value.as_u64().ok_or_else(|| {
-        format!("mock option `{key}`: expected a non-negative integer, got {}", type_name(value))
-    })
+fn unsigned(key: &str, value: &Value) -> Result<u64, ConfigError> {
+    value.as_u64().ok_or_else(|| wrong_type(key, "a non-negative integer", value))
 }
 
 /// `key`'s value as an array of strings, or an error naming the key.
-fn string_array(key: &str, value: &Value) -> Result<Vec<String>, String> {
-    let items = value.as_array().ok_or_else(|| {
-        format!("mock option `{key}`: expected an array of strings, got {}", type_name(value))
-    })?;
+fn string_array(key: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
+    let items = value.as_array().ok_or_else(|| wrong_type(key, "an array of strings", value))?;
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
-            item.as_str().map(str::to_owned).ok_or_else(|| {
-                format!(
-                    "mock option `{key}`: expected an array of strings, item {i} is {}",
-                    type_name(item)
-                )
+        .map(|(index, item)| {
+            item.as_str().map(str::to_owned).ok_or_else(|| ConfigError::WrongItemType {
+                key: key.to_owned(),
+                index,
+                got: type_name(item),
             })
         })
         .collect()
@@ -791,7 +856,7 @@ mod tests {
             (json!({"token_count": 1, "mock_tokens": 2}), "disagree"),
         ];
         for (value, needle) in cases {
-            let err = MockConfig::from_options(&options(value.clone())).unwrap_err();
+            let err = MockConfig::from_options(&options(value.clone())).unwrap_err().to_string();
             assert!(err.contains(needle), "{value}: {err}");
         }
     }

@@ -89,19 +89,88 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn string_opt(key: &str, v: &Value) -> Result<String, String> {
-    v.as_str().map(str::to_owned).ok_or_else(|| {
-        format!("openai-compat option `{key}`: expected a string, got {}", type_name(v))
+/// Why an openai-compat backend's options were refused; each message names the option
+/// and none quotes a key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A key openai-compat does not know.
+    #[error("openai-compat: unknown option `{key}`")]
+    UnknownOption {
+        /// The key as written.
+        key: String,
+    },
+    /// The value has the wrong JSON type.
+    #[error("openai-compat option `{key}`: expected {expected}, got {got}")]
+    WrongType {
+        /// The option.
+        key: String,
+        /// What it takes.
+        expected: &'static str,
+        /// What it was given (a JSON type).
+        got: &'static str,
+    },
+    /// An integer option outside 1..=`max`, or not an integer.
+    #[error("openai-compat option `{key}`: expected an integer from 1 to {max}, got {got}")]
+    OutOfRange {
+        /// The option.
+        key: String,
+        /// The largest value it takes.
+        max: u64,
+        /// The number, or the JSON type when it is not one.
+        got: String,
+    },
+    /// A required option is absent.
+    #[error("openai-compat option `{key}` is required{hint}", hint = missing_hint(key))]
+    Missing {
+        /// The option.
+        key: &'static str,
+    },
+    /// `base_url` is not an http(s) URL.
+    #[error("openai-compat option `base_url`: expected an http:// or https:// URL, got {url:?}")]
+    BadUrl {
+        /// The value given, with anything secret-looking redacted.
+        url: String,
+    },
+    /// The key itself was put in the config file.
+    #[error(
+        "openai-compat option `api_key`: the key does not belong in the config file; put it \
+         in an environment variable and name that variable in `api_key_env` (default \
+         {default})",
+        default = DEFAULT_API_KEY_ENV
+    )]
+    KeyInConfig,
+    /// `api_key_env` names a variable that is not set (or is empty).
+    #[error("openai-compat option `api_key_env`: the variable {var} is not set")]
+    KeyVarUnset {
+        /// The variable's name.
+        var: String,
+    },
+}
+
+/// An example for a missing option, where one helps.
+fn missing_hint(key: &str) -> &'static str {
+    match key {
+        "base_url" => " (e.g. \"https://api.example.com\")",
+        _ => "",
+    }
+}
+
+fn string_opt(key: &str, v: &Value) -> Result<String, ConfigError> {
+    v.as_str().map(str::to_owned).ok_or_else(|| ConfigError::WrongType {
+        key: key.to_owned(),
+        expected: "a string",
+        got: type_name(v),
     })
 }
 
-fn positive(key: &str, v: &Value, max: u64) -> Result<u64, String> {
+fn positive(key: &str, v: &Value, max: u64) -> Result<u64, ConfigError> {
     match v.as_u64() {
         Some(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "openai-compat option `{key}`: expected an integer from 1 to {max}, got {}",
-            if v.is_number() { v.to_string() } else { type_name(v).to_string() }
-        )),
+        _ => Err(ConfigError::OutOfRange {
+            key: key.to_owned(),
+            max,
+            got: if v.is_number() { v.to_string() } else { type_name(v).to_string() },
+        }),
     }
 }
 
@@ -111,7 +180,7 @@ impl OpenAiConfig {
     pub fn from_options_with(
         options: &Map<String, Value>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<OpenAiConfig, String> {
+    ) -> Result<OpenAiConfig, ConfigError> {
         let mut base_url = None;
         let mut model = None;
         let mut api_key_env = None;
@@ -128,41 +197,29 @@ impl OpenAiConfig {
                     // Bounded by the u32 range; 1024 is already far past any sane upstream.
                     max_concurrency = u32::try_from(positive(key, value, 1024)?).unwrap_or(1024)
                 }
-                "api_key" => {
-                    return Err("openai-compat option `api_key`: the key does not belong in the \
-                                config file; put it in an environment variable and name that \
-                                variable in `api_key_env` (default OPENAI_API_KEY)"
-                        .into());
-                }
-                other => return Err(format!("openai-compat: unknown option `{other}`")),
+                "api_key" => return Err(ConfigError::KeyInConfig),
+                other => return Err(ConfigError::UnknownOption { key: other.to_owned() }),
             }
         }
-        let base_url = base_url.ok_or(
-            "openai-compat option `base_url` is required (e.g. \"https://api.example.com\")",
-        )?;
+        let base_url = base_url.ok_or(ConfigError::Missing { key: "base_url" })?;
         let base_url = base_url.trim_end_matches('/').to_owned();
         if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
             || base_url.len() <= "https://".len()
         {
-            return Err(format!(
-                "openai-compat option `base_url`: expected an http:// or https:// URL, got {:?}",
-                redact(&base_url)
-            ));
+            return Err(ConfigError::BadUrl { url: redact(&base_url).into_owned() });
         }
-        let model = model.ok_or("openai-compat option `model` is required")?;
+        let model = model.ok_or(ConfigError::Missing { key: "model" })?;
         let explicit_env = api_key_env.is_some();
         let api_key_env = api_key_env.unwrap_or_else(|| DEFAULT_API_KEY_ENV.to_owned());
         let api_key = env(&api_key_env).filter(|k| !k.is_empty()).map(ApiKey);
         if explicit_env && api_key.is_none() {
-            return Err(format!(
-                "openai-compat option `api_key_env`: the variable {api_key_env} is not set"
-            ));
+            return Err(ConfigError::KeyVarUnset { var: api_key_env });
         }
         Ok(OpenAiConfig { base_url, model, api_key_env, api_key, timeout, max_concurrency })
     }
 
     /// Reads the backend's options, the key from the process environment.
-    pub fn from_options(options: &Map<String, Value>) -> Result<OpenAiConfig, String> {
+    pub fn from_options(options: &Map<String, Value>) -> Result<OpenAiConfig, ConfigError> {
         OpenAiConfig::from_options_with(options, |name| std::env::var(name).ok())
     }
 

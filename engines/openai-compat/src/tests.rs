@@ -42,7 +42,9 @@ fn config_errors_name_the_key_and_never_the_secret() {
         (json!({"base_url": "https://h", "model": "m", "colour": 1}), "colour"),
     ];
     for (o, word) in bad {
-        let e = OpenAiConfig::from_options_with(&options(o.clone()), env_with_key).unwrap_err();
+        let e = OpenAiConfig::from_options_with(&options(o.clone()), env_with_key)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(word), "{o}: {e}");
         assert!(!e.contains("sk-secret"), "{o}: {e}");
     }

@@ -145,7 +145,7 @@ impl Host {
         let input = loop {
             match c.stream.read(&mut buf) {
                 Ok(0) => break Input::ReadClosed { conn: id },
-                Ok(n) => break Input::Received { conn: id, bytes: &buf[..n] },
+                Ok(n) => break Input::Received { conn: id, bytes: buf[..n].to_vec() },
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Drained: wait for the next readiness edge, keeping the credit.
