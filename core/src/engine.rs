@@ -173,6 +173,10 @@ pub struct EngineError {
     /// How long the backend asked not to be sent requests (an upstream's `Retry-After`
     /// on a 429 or 503): the circuit breaker, once open, stays open at least this long.
     pub retry_after: Option<Duration>,
+    /// Names one failure of the backend that several requests share (a decode that failed
+    /// every sequence of a batch): the circuit breaker counts an incident once, however
+    /// many requests it failed.
+    pub incident: Option<u64>,
 }
 
 impl EngineError {
@@ -182,12 +186,18 @@ impl EngineError {
             kind: EngineErrorKind::Unavailable,
             message: message.into(),
             retry_after: None,
+            incident: None,
         }
     }
 
     /// An `Internal` failure.
     pub fn internal(message: impl Into<String>) -> Self {
-        EngineError { kind: EngineErrorKind::Internal, message: message.into(), retry_after: None }
+        EngineError {
+            kind: EngineErrorKind::Internal,
+            message: message.into(),
+            retry_after: None,
+            incident: None,
+        }
     }
     /// An `InvalidRequest` failure: the client's fault, not the backend's.
     pub fn invalid_request(message: impl Into<String>) -> Self {
@@ -195,12 +205,18 @@ impl EngineError {
             kind: EngineErrorKind::InvalidRequest,
             message: message.into(),
             retry_after: None,
+            incident: None,
         }
     }
 
     /// The same failure, carrying the backend's `Retry-After` hint.
     pub fn with_retry_after(self, retry_after: Duration) -> Self {
         EngineError { retry_after: Some(retry_after), ..self }
+    }
+
+    /// The same failure, as part of the shared failure `incident`.
+    pub fn in_incident(self, incident: u64) -> Self {
+        EngineError { incident: Some(incident), ..self }
     }
 }
 
