@@ -27,7 +27,8 @@ use crate::sampling::{DEFAULT_SEED, Sampling, Scratch};
 pub(crate) type Sink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
 
 /// The cancel flags of the sequences in the decode under way. llama.cpp's abort callback
-/// stops a decode when every one of them is raised: nobody is left to want its result.
+/// stops a decode as soon as one of them is raised, so a cancelled request does not wait
+/// for a long prompt chunk; the scheduler decodes the others again.
 #[derive(Default)]
 pub(crate) struct AbortFlags(Mutex<Vec<CancelFlag>>);
 
@@ -39,10 +40,10 @@ impl AbortFlags {
         held.extend(flags);
     }
 
-    /// Whether the decode under way has nobody left to serve.
-    fn all_raised(&self) -> bool {
+    /// Whether a sequence of the decode under way was cancelled.
+    fn any_raised(&self) -> bool {
         let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        !held.is_empty() && held.iter().all(CancelFlag::is_cancelled)
+        held.iter().any(CancelFlag::is_cancelled)
     }
 }
 
@@ -51,11 +52,11 @@ impl AbortFlags {
 /// # Safety
 ///
 /// `data` must point at the `AbortFlags` the session installed, alive for the call.
-unsafe extern "C" fn abort_when_all_cancelled(data: *mut c_void) -> bool {
+unsafe extern "C" fn abort_when_one_cancelled(data: *mut c_void) -> bool {
     // SAFETY: the session installs a pointer to its boxed `AbortFlags`, which outlives the
     // context (the session frees the context first).
     let flags = unsafe { &*data.cast::<AbortFlags>() };
-    flags.all_raised()
+    flags.any_raised()
 }
 
 /// A loaded model with its context. Not `Send`: it lives and dies on one thread.
@@ -236,7 +237,7 @@ impl Session {
         unsafe {
             sys::llama_set_abort_callback(
                 ctx.as_ptr(),
-                Some(abort_when_all_cancelled),
+                Some(abort_when_one_cancelled),
                 std::ptr::from_ref::<AbortFlags>(&abort).cast_mut().cast::<c_void>(),
             );
         }
