@@ -50,8 +50,10 @@
 //!
 //! # Sampling
 //!
-//! Temperature 0 samples greedily. Otherwise the chain is top-k (when `top_k > 0`),
-//! top-p (when `top_p < 1`), temperature, then a seeded draw. The seed is the request's
+//! Temperature 0 samples greedily (without a grammar, straight from the row of logits:
+//! the first largest logit, as llama.cpp's greedy sampler picks). Otherwise the chain is
+//! top-k (when `top_k > 0`), top-p (when `top_p < 1`), temperature, then a seeded draw.
+//! The seed is the request's
 //! `seed`, or else `0xC0FFEE ^ n` where `n` counts the requests this engine's worker
 //! started before (starting at 0), so runs are reproducible without any randomness. llama.cpp
 //! takes a 32-bit seed: a 64-bit seed is folded as `low ^ high`, and the one 32-bit
