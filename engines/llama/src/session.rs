@@ -78,6 +78,9 @@ pub(crate) struct Session {
     abort: Box<AbortFlags>,
     /// Sampling scratch space.
     scratch: Scratch,
+    /// ggml's worker threads for this context's decodes, kept between decodes (without
+    /// one, ggml starts and joins its threads on every decode, as llama-server does not).
+    threadpool: Option<NonNull<sys::ggml_threadpool>>,
 }
 
 impl Drop for Session {
@@ -86,6 +89,11 @@ impl Drop for Session {
         // alone and freed once; the model it was made from outlives it (`self.model`, an
         // `Arc`, drops after this).
         unsafe { sys::llama_free(self.ctx.as_ptr()) };
+        if let Some(pool) = self.threadpool.take() {
+            // SAFETY: the pool came from `ggml_threadpool_new`, is freed once, and the only
+            // context using it was freed just above.
+            unsafe { sys::ggml_threadpool_free(pool.as_ptr()) };
+        }
     }
 }
 
@@ -231,6 +239,15 @@ impl Session {
         capabilities.gpu_layers = if gpu { cfg.n_gpu_layers } else { 0 };
         capabilities.n_parallel = Some(n_parallel);
         capabilities.n_ctx = Some(n_ctx);
+        // SAFETY: plain constructor of a parameter struct.
+        let mut pool_params = unsafe { sys::ggml_threadpool_params_default(threads) };
+        // SAFETY: the parameters are initialised; a null result means no pool (ggml then
+        // makes threads per decode, as before).
+        let threadpool = NonNull::new(unsafe { sys::ggml_threadpool_new(&mut pool_params) });
+        if let Some(pool) = threadpool {
+            // SAFETY: the context is live; the pool outlives it (freed after it in `Drop`).
+            unsafe { sys::llama_attach_threadpool(ctx.as_ptr(), pool.as_ptr(), pool.as_ptr()) };
+        }
         let abort = Box::new(AbortFlags::default());
         // SAFETY: the context is live; the callback matches `ggml_abort_callback` and reads
         // the boxed flags, whose address is stable and which outlive the context.
@@ -251,6 +268,7 @@ impl Session {
             n_vocab: usize::try_from(n_vocab).unwrap_or(0),
             abort,
             scratch: Scratch::default(),
+            threadpool,
         })
     }
 
