@@ -63,6 +63,15 @@ impl Batch {
         true
     }
 
+    /// Moves every token one position on, so that llama.cpp refuses the batch of a
+    /// sequence that has cells already (a test hook: a real failure of `llama_decode`).
+    pub(crate) fn skip_a_position(&mut self) {
+        for i in 0..self.len() {
+            // SAFETY: `i < len() <= capacity`, entries `llama_batch_init` allocated.
+            unsafe { *self.raw.pos.add(i) += 1 };
+        }
+    }
+
     /// The batch as llama.cpp takes it (by value; the arrays stay owned here).
     pub(crate) fn raw(&self) -> sys::llama_batch {
         self.raw

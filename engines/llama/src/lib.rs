@@ -31,8 +31,9 @@
 //!
 //! The cancel flag is checked by the worker before every step: a cancelled request
 //! leaves the batch at the next step (also while its prompt is being read) and its slot
-//! is free at once. A decode whose sequences are all cancelled is interrupted through
-//! llama.cpp's abort callback. A token that arrives after the flag was raised is not
+//! is free at once. A decode under way is interrupted through llama.cpp's abort callback as
+//! soon as one of its sequences is cancelled (a long prompt chunk does not hold the
+//! cancel up); the other sequences of that batch are decoded again, untouched. A token that arrives after the flag was raised is not
 //! passed to `on_token` and not counted.
 //!
 //! # Prompt
@@ -49,8 +50,10 @@
 //!
 //! # Sampling
 //!
-//! Temperature 0 samples greedily. Otherwise the chain is top-k (when `top_k > 0`),
-//! top-p (when `top_p < 1`), temperature, then a seeded draw. The seed is the request's
+//! Temperature 0 samples greedily (without a grammar, straight from the row of logits:
+//! the first largest logit, as llama.cpp's greedy sampler picks). Otherwise the chain is
+//! top-k (when `top_k > 0`), top-p (when `top_p < 1`), temperature, then a seeded draw.
+//! The seed is the request's
 //! `seed`, or else `0xC0FFEE ^ n` where `n` counts the requests this engine's worker
 //! started before (starting at 0), so runs are reproducible without any randomness. llama.cpp
 //! takes a 32-bit seed: a 64-bit seed is folded as `low ^ high`, and the one 32-bit
@@ -64,8 +67,16 @@
 //! `end` when the model samples an end-of-generation token (not counted, not
 //! streamed); `length` when `max_tokens` tokens were generated (at once for
 //! `max_tokens: 0`) or when the context is full; `cancelled` when the flag was raised.
-//! A templated prompt longer than the context fails before the stream. The KV cache is
-//! cleared before every request: requests share nothing.
+//! A templated prompt longer than the context fails before the stream.
+//!
+//! # Failures
+//!
+//! When llama.cpp has no KV room for a whole batch, the batch is split in halves and
+//! each decoded on its own; a single sequence that still does not fit ends with
+//! `length` (while generating) or an error (while reading its prompt), alone. A decode
+//! that fails outright fails every request of its batch with `backend_unavailable`, all
+//! tagged with one [`EngineError::incident`], so the circuit breaker counts the failure
+//! once.
 //!
 //! # Errors and logging
 //!
@@ -93,7 +104,7 @@ mod session;
 mod slots;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -398,6 +409,9 @@ struct Shared {
     largest_batch: AtomicUsize,
     /// Test hook: act as if the memory could not drop a partial range.
     full_prefill: AtomicBool,
+    /// Test hook: one more than the count of successful decodes after which llama.cpp
+    /// is made to refuse one; 0 means never (see [`LlamaEngine::fail_decode_after`]).
+    fail_decode_after: AtomicU64,
     gate: Gate,
     hook: Mutex<Option<StepHook>>,
 }
@@ -474,6 +488,14 @@ impl LlamaEngine {
     /// prefills its whole prompt. For testing that fallback on models that can.
     pub fn force_full_prefill(&self, on: bool) {
         self.shared.full_prefill.store(on, Ordering::Relaxed);
+    }
+
+    /// Makes llama.cpp refuse the decode that follows the `n`-th successful one (counted
+    /// from the engine's start), once: that batch's positions are made inconsistent, so
+    /// `llama_decode` fails as it would on a real error. For testing how a failed batch
+    /// ends its requests.
+    pub fn fail_decode_after(&self, n: u64) {
+        self.shared.fail_decode_after.store(n.saturating_add(1), Ordering::Relaxed);
     }
 }
 

@@ -59,6 +59,9 @@ impl Drop for Sampler {
 pub(crate) struct Sampling {
     chain: Sampler,
     grammar: Option<Sampler>,
+    /// Greedy with no grammar: the pick is the row's first largest logit, which
+    /// [`Scratch::sample`] finds without copying the row for the chain.
+    argmax: bool,
 }
 
 impl Sampling {
@@ -71,7 +74,8 @@ impl Sampling {
         default_seed: u64,
     ) -> Result<Sampling, EngineError> {
         let grammar = grammar(model, req)?;
-        Ok(Sampling { chain: chain(req, default_seed)?, grammar })
+        let argmax = req.temperature <= 0.0 && grammar.is_none();
+        Ok(Sampling { chain: chain(req, default_seed)?, grammar, argmax })
     }
 }
 
@@ -128,6 +132,20 @@ fn grammar(model: &Model, req: &GenerateRequest) -> Result<Option<Sampler>, Engi
         .ok_or_else(|| EngineError::invalid_request(mark.explain("invalid grammar")))
 }
 
+/// The token of the largest logit in `row`, the first of equals (as llama.cpp's greedy
+/// sampler picks); `None` for an empty row.
+pub(crate) fn argmax(row: &[f32]) -> Option<sys::llama_token> {
+    let (first, rest) = row.split_first()?;
+    let mut best = (0usize, *first);
+    for (i, &logit) in rest.iter().enumerate() {
+        if logit > best.1 {
+            best = (i + 1, logit);
+        }
+    }
+    // The row has `n_vocab` entries, an i32, so every index fits.
+    Some(best.0 as sys::llama_token)
+}
+
 /// Scratch space for sampling, reused between tokens.
 #[derive(Default)]
 pub(crate) struct Scratch {
@@ -146,6 +164,11 @@ impl Scratch {
         logits: &[f32],
         sampling: &Sampling,
     ) -> Result<sys::llama_token, EngineError> {
+        if sampling.argmax {
+            // llama.cpp's greedy sampler keeps no state, so skipping it changes nothing.
+            return argmax(logits)
+                .ok_or_else(|| EngineError::internal("llama.cpp returned an empty row of logits"));
+        }
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(id, &logit)| {
             sys::llama_token_data {
@@ -203,5 +226,19 @@ impl Scratch {
             unsafe { sys::llama_sampler_accept(sampling.chain.0.as_ptr(), choice.id) };
         }
         Ok(choice.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_largest_logit() {
+        assert_eq!(argmax(&[]), None);
+        assert_eq!(argmax(&[-1.0]), Some(0));
+        assert_eq!(argmax(&[0.5, 2.0, -3.0, 2.0, 1.9]), Some(1));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0]), Some(2));
+        assert_eq!(argmax(&[3.0, 3.0]), Some(0));
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
 use inferd_core::engine::{
@@ -23,6 +23,15 @@ use crate::sampling::{DEFAULT_SEED, Sampling};
 use crate::session::Session;
 use crate::slots::{self, Candidate};
 use crate::{Shared, Step};
+
+/// The last incident number given out, shared by every llama engine of the process so
+/// that no two engines' incidents share a number.
+static LAST_INCIDENT: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh number for one failure of the backend that several requests share.
+fn next_incident() -> u64 {
+    LAST_INCIDENT.fetch_add(1, Ordering::Relaxed).wrapping_add(1)
+}
 
 /// A generation for the worker, its prompt already tokenized.
 pub(crate) struct Job {
@@ -99,6 +108,8 @@ pub(crate) struct Scheduler {
     clock: u64,
     /// Where the next step's prompt chunks start, so starting sequences take turns.
     round_robin: usize,
+    /// Successful decodes so far.
+    decodes: u64,
     piece: Vec<u8>,
 }
 
@@ -123,6 +134,7 @@ impl Scheduler {
             requests: 0,
             clock: 0,
             round_robin: 0,
+            decodes: 0,
             piece: Vec::with_capacity(32),
         })
     }
@@ -251,44 +263,82 @@ impl Scheduler {
     }
 
     /// Drops KV cells a failed or aborted decode may have left past what `slot` records.
-    fn roll_back(&mut self, slot: usize) {
-        let slot = &mut self.slots[slot];
+    /// Where the memory cannot drop part of a sequence, the slot is cleared, and a run in
+    /// it, which cannot go on from nothing, fails.
+    fn roll_back(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
         if !self.session.truncate(slot.seq, slot.cached.len()) {
             self.session.forget(slot.seq);
             slot.cached.clear();
+            self.finish(
+                index,
+                Err(EngineError::internal("llama.cpp could not undo a failed decode")),
+            );
         }
     }
 
-    /// One decode of every running sequence.
+    /// One decode of every running sequence (more than one when llama.cpp refuses the
+    /// whole batch or a cancel interrupts it).
     fn step(&mut self) {
         for i in 0..self.slots.len() {
             if self.slots[i].run.as_ref().is_some_and(|r| r.cancel.is_cancelled()) {
                 self.finish(i, Ok(StopReason::Cancelled));
             }
         }
-        let mut max_entries = usize::MAX;
-        let mut max_chunk = usize::MAX;
-        loop {
-            let entries = self.plan(max_entries, max_chunk);
+        // Parts of this step's batch still to decode, the next one last.
+        let mut parts = vec![self.plan()];
+        while let Some(mut entries) = parts.pop() {
+            // A retried part: some runs may have ended since, and each entry must still
+            // ask for logits exactly where its prompt ends.
+            entries.retain_mut(|e| {
+                let s = &self.slots[e.slot];
+                let Some(run) = &s.run else { return false };
+                if run.next.is_none() {
+                    let left = run.prompt.len() - s.cached.len();
+                    e.n = e.n.min(left);
+                    e.logits = e.n == left;
+                }
+                e.n > 0
+            });
             if entries.is_empty() {
-                return;
+                continue;
             }
             self.fill(&entries);
+            if self.shared.fail_decode_after.load(Ordering::Relaxed) == self.decodes + 1 {
+                self.shared.fail_decode_after.store(0, Ordering::Relaxed);
+                self.batch.skip_a_position();
+            }
             let flags = entries
                 .iter()
                 .filter_map(|e| self.slots[e.slot].run.as_ref().map(|r| r.cancel.clone()));
             self.session.abort_flags().set(flags);
             let (rc, why) = self.session.decode(&self.batch);
             self.session.abort_flags().set([]);
+            if rc != 0 {
+                // Whatever the failed decode left in the KV cache goes; each slot keeps
+                // what it records.
+                for e in &entries {
+                    self.roll_back(e.slot);
+                }
+            }
             match rc {
                 0 => {
+                    self.decodes += 1;
                     self.report(&entries);
                     self.advance(&entries);
-                    return;
                 }
-                // No KV room for the whole batch: retry with less of it.
-                1 if entries.len() > 1 => max_entries = entries.len() / 2,
-                1 if entries[0].n > 1 => max_chunk = entries[0].n / 2,
+                // No KV room for the whole batch: each half on its own, first half first.
+                1 if entries.len() > 1 => {
+                    let second = entries.split_off(entries.len() / 2);
+                    parts.push(second);
+                    parts.push(entries);
+                }
+                // One prompt chunk that does not fit: a smaller one (the rest comes in
+                // later steps).
+                1 if entries[0].n > 1 => {
+                    parts.push(vec![Entry { n: entries[0].n / 2, logits: false, ..entries[0] }]);
+                }
+                // One token that does not fit: this sequence's context is full.
                 1 => {
                     let slot = entries[0].slot;
                     let generating =
@@ -299,32 +349,39 @@ impl Scheduler {
                         Err(EngineError::internal("context full while reading the prompt"))
                     };
                     self.finish(slot, result);
-                    return;
                 }
-                // Aborted: every sequence in the batch was cancelled.
-                2 => {
-                    for e in &entries {
-                        self.roll_back(e.slot);
-                        self.finish(e.slot, Ok(StopReason::Cancelled));
+                // Interrupted because a sequence in it was cancelled: the cancelled ones
+                // end, the others go again.
+                2 if entries.iter().any(|e| self.cancelled(e.slot)) => {
+                    entries.retain(|e| !self.cancelled(e.slot));
+                    for i in 0..self.slots.len() {
+                        if self.cancelled(i) {
+                            self.finish(i, Ok(StopReason::Cancelled));
+                        }
                     }
-                    return;
+                    parts.push(entries);
                 }
                 rc => {
+                    // One failure of the backend, however many requests it ends: the
+                    // breaker counts it once.
                     let why = why.unwrap_or_else(|| format!("llama_decode failed with code {rc}"));
+                    let error = EngineError::unavailable(why).in_incident(next_incident());
                     for e in &entries {
-                        self.roll_back(e.slot);
-                        self.finish(e.slot, Err(EngineError::unavailable(why.clone())));
+                        self.finish(e.slot, Err(error.clone()));
                     }
-                    return;
                 }
             }
         }
     }
 
+    /// Whether the run in `slot` (if any) was cancelled.
+    fn cancelled(&self, slot: usize) -> bool {
+        self.slots[slot].run.as_ref().is_some_and(|r| r.cancel.is_cancelled())
+    }
+
     /// What the next batch holds: every generating sequence's next token, then prompt
-    /// chunks of starting sequences in turn, within the batch's room, at most
-    /// `max_entries` sequences and `max_chunk` prompt tokens each.
-    fn plan(&mut self, max_entries: usize, max_chunk: usize) -> Vec<Entry> {
+    /// chunks of starting sequences in turn, within the batch's room.
+    fn plan(&mut self) -> Vec<Entry> {
         let room = self.session.n_batch() as usize;
         let mut entries: Vec<Entry> = self
             .slots
@@ -332,7 +389,6 @@ impl Scheduler {
             .enumerate()
             .filter(|(_, s)| s.run.as_ref().is_some_and(|r| r.next.is_some()))
             .map(|(slot, _)| Entry { slot, n: 1, logits: true })
-            .take(max_entries)
             .collect();
         let mut used = entries.len();
         let n = self.slots.len();
@@ -342,11 +398,11 @@ impl Scheduler {
             let slot = (start + k) % n;
             let s = &self.slots[slot];
             let Some(run) = s.run.as_ref().filter(|r| r.next.is_none()) else { continue };
-            if entries.len() >= max_entries || used >= room {
+            if used >= room {
                 break;
             }
             let left = run.prompt.len() - s.cached.len();
-            let take = left.min(room - used).min(max_chunk);
+            let take = left.min(room - used);
             if take == 0 {
                 continue;
             }

@@ -27,7 +27,8 @@ use crate::sampling::{DEFAULT_SEED, Sampling, Scratch};
 pub(crate) type Sink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
 
 /// The cancel flags of the sequences in the decode under way. llama.cpp's abort callback
-/// stops a decode when every one of them is raised: nobody is left to want its result.
+/// stops a decode as soon as one of them is raised, so a cancelled request does not wait
+/// for a long prompt chunk; the scheduler decodes the others again.
 #[derive(Default)]
 pub(crate) struct AbortFlags(Mutex<Vec<CancelFlag>>);
 
@@ -39,10 +40,10 @@ impl AbortFlags {
         held.extend(flags);
     }
 
-    /// Whether the decode under way has nobody left to serve.
-    fn all_raised(&self) -> bool {
+    /// Whether a sequence of the decode under way was cancelled.
+    fn any_raised(&self) -> bool {
         let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        !held.is_empty() && held.iter().all(CancelFlag::is_cancelled)
+        held.iter().any(CancelFlag::is_cancelled)
     }
 }
 
@@ -51,11 +52,11 @@ impl AbortFlags {
 /// # Safety
 ///
 /// `data` must point at the `AbortFlags` the session installed, alive for the call.
-unsafe extern "C" fn abort_when_all_cancelled(data: *mut c_void) -> bool {
+unsafe extern "C" fn abort_when_one_cancelled(data: *mut c_void) -> bool {
     // SAFETY: the session installs a pointer to its boxed `AbortFlags`, which outlives the
     // context (the session frees the context first).
     let flags = unsafe { &*data.cast::<AbortFlags>() };
-    flags.all_raised()
+    flags.any_raised()
 }
 
 /// A loaded model with its context. Not `Send`: it lives and dies on one thread.
@@ -77,6 +78,9 @@ pub(crate) struct Session {
     abort: Box<AbortFlags>,
     /// Sampling scratch space.
     scratch: Scratch,
+    /// ggml's worker threads for this context's decodes, kept between decodes (without
+    /// one, ggml starts and joins its threads on every decode, as llama-server does not).
+    threadpool: Option<NonNull<sys::ggml_threadpool>>,
 }
 
 impl Drop for Session {
@@ -85,6 +89,11 @@ impl Drop for Session {
         // alone and freed once; the model it was made from outlives it (`self.model`, an
         // `Arc`, drops after this).
         unsafe { sys::llama_free(self.ctx.as_ptr()) };
+        if let Some(pool) = self.threadpool.take() {
+            // SAFETY: the pool came from `ggml_threadpool_new`, is freed once, and the only
+            // context using it was freed just above.
+            unsafe { sys::ggml_threadpool_free(pool.as_ptr()) };
+        }
     }
 }
 
@@ -230,13 +239,22 @@ impl Session {
         capabilities.gpu_layers = if gpu { cfg.n_gpu_layers } else { 0 };
         capabilities.n_parallel = Some(n_parallel);
         capabilities.n_ctx = Some(n_ctx);
+        // SAFETY: plain constructor of a parameter struct.
+        let mut pool_params = unsafe { sys::ggml_threadpool_params_default(threads) };
+        // SAFETY: the parameters are initialised; a null result means no pool (ggml then
+        // makes threads per decode, as before).
+        let threadpool = NonNull::new(unsafe { sys::ggml_threadpool_new(&mut pool_params) });
+        if let Some(pool) = threadpool {
+            // SAFETY: the context is live; the pool outlives it (freed after it in `Drop`).
+            unsafe { sys::llama_attach_threadpool(ctx.as_ptr(), pool.as_ptr(), pool.as_ptr()) };
+        }
         let abort = Box::new(AbortFlags::default());
         // SAFETY: the context is live; the callback matches `ggml_abort_callback` and reads
         // the boxed flags, whose address is stable and which outlive the context.
         unsafe {
             sys::llama_set_abort_callback(
                 ctx.as_ptr(),
-                Some(abort_when_all_cancelled),
+                Some(abort_when_one_cancelled),
                 std::ptr::from_ref::<AbortFlags>(&abort).cast_mut().cast::<c_void>(),
             );
         }
@@ -250,6 +268,7 @@ impl Session {
             n_vocab: usize::try_from(n_vocab).unwrap_or(0),
             abort,
             scratch: Scratch::default(),
+            threadpool,
         })
     }
 

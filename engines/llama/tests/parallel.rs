@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use inferd_core::engine::{
-    CancelFlag, Completion, Engine, EngineError, GenerateRequest, Message, Role, StopReason,
+    CancelFlag, Completion, Engine, EngineError, EngineErrorKind, GenerateRequest, Message, Role,
+    StopReason,
 };
 use inferd_engine_llama::{LlamaConfig, LlamaEngine, Step};
 
@@ -292,6 +293,90 @@ fn cancelling_during_prefill_frees_the_slot_at_the_next_step() {
     assert_eq!(text, SENTENCE);
     assert!(again.prompt_cached_tokens > 0, "{again:?}");
     assert!(again.prompt_cached_tokens < again.usage.prompt_tokens - 1, "{again:?}");
+}
+
+#[test]
+fn a_failed_batch_fails_its_requests_as_one_incident() {
+    let engine = engine(256, 4, 512);
+    let steps = record_steps(&engine);
+    // Decode 1 reads the four prompts, decode 2 decodes their first tokens; llama.cpp
+    // refuses decode 3, which holds all four.
+    engine.fail_decode_after(2);
+    let reqs =
+        (0..4).map(|i| (request(&format!("doomed story {i}")), CancelFlag::new(), None)).collect();
+    let mut incidents = Vec::new();
+    for (text, result) in together(&engine, reqs) {
+        let error = result.unwrap_err();
+        assert_eq!(error.kind, EngineErrorKind::Unavailable, "{error:?}");
+        assert!(error.message.contains("inconsistent"), "{error:?}");
+        assert_eq!(text, " the quick", "two tokens came before the failure");
+        incidents.push(error.incident.expect("an incident"));
+    }
+    assert!(incidents.iter().all(|&i| i == incidents[0]), "{incidents:?}");
+
+    // The slots are usable again, with exactly the right text.
+    for (text, result) in together(
+        &engine,
+        (0..4).map(|i| (request(&format!("story {i}")), CancelFlag::new(), None)).collect(),
+    ) {
+        assert_eq!(text, SENTENCE);
+        assert_eq!(result.unwrap().stop_reason, StopReason::End);
+    }
+    // A later failure is another incident, even for one request: its prompt is read,
+    // then the decode of its first token fails.
+    engine.fail_decode_after(steps.lock().unwrap().len() as u64 + 1);
+    let (text, result) = run(&engine, &request("one more"));
+    let later = result.unwrap_err().incident.expect("an incident");
+    assert_eq!(text, " the");
+    assert_ne!(later, incidents[0]);
+}
+
+#[test]
+fn a_cancel_that_interrupts_a_decode_leaves_the_others_exact() {
+    // A cancel raised while a decode runs interrupts it (llama.cpp's abort callback); the
+    // other sequences of that batch are decoded again, not failed. The cancel comes from
+    // another thread just after the first step, when the second (three tokens and a
+    // prompt chunk of about 250 tokens) starts: whether it lands inside that decode or before it,
+    // the outcome must be the same.
+    let engine = engine(1024, 4, 256);
+    let long = "once upon a time ".repeat(60);
+    for round in 0..6 {
+        let cancel = CancelFlag::new();
+        let (step_tx, step_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let mut calls = 0;
+        // After the first step the canceller is let go; after the second the decode thread
+        // waits for it, so the cancel lands during the second step at the latest.
+        engine.set_step_hook(Some(Box::new(move |_: &Step| {
+            calls += 1;
+            if calls == 1 {
+                let _ = step_tx.send(());
+            } else if calls == 2 {
+                let _ = done_rx.recv();
+            }
+        })));
+        let canceller = {
+            let cancel = cancel.clone();
+            thread::spawn(move || {
+                if step_rx.recv().is_ok() {
+                    cancel.cancel();
+                    let _ = done_tx.send(());
+                }
+            })
+        };
+        let mut reqs = vec![(request(&format!("{round} {long}")), cancel, None)];
+        reqs.extend((0..3).map(|i| (request(&format!("hi {round} {i}")), CancelFlag::new(), None)));
+        let outcomes = together(&engine, reqs);
+        canceller.join().unwrap();
+        let (text, result) = &outcomes[0];
+        let cancelled = result.as_ref().unwrap();
+        assert_eq!(cancelled.stop_reason, StopReason::Cancelled, "round {round}");
+        assert_eq!(text, "");
+        for (text, result) in &outcomes[1..] {
+            assert_eq!(text, SENTENCE, "round {round}");
+            assert_eq!(result.as_ref().unwrap().stop_reason, StopReason::End);
+        }
+    }
 }
 
 /// Opt-in: with `INFERD_TEST_MODEL=/path/to/model.gguf` (e.g. Gemma 3 270M from
