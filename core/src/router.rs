@@ -288,6 +288,13 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_id_prints_as_its_index() {
+        // Traces, logs and admin text name backends by the bare index, as before the type.
+        assert_eq!(BackendId(3).to_string(), "3");
+        assert_eq!(format!("backend {}", B1), "backend 1");
+    }
+
+    #[test]
     fn priority_order_and_readiness() {
         assert!(Router::new(0, BreakerPolicy::default()).is_empty());
         let mut r = Router::new(2, BreakerPolicy::default());
