@@ -1490,3 +1490,15 @@ fn v1_stop_sequence_ends_the_text_with_stop_reason_end() {
     }
     assert!(h.is_open(c) && h.credits.contains(&c));
 }
+
+#[test]
+fn unfinished_lines_count_as_input_held() {
+    // The simulator bounds `max_input_held`; this pins down what it counts.
+    let mut h = H::ready(cfg(&["mock"]));
+    let a = h.connect();
+    let b = h.connect();
+    assert_eq!(h.d.max_input_held(), 0);
+    h.send(a, r#"{"type":"gen"#);
+    h.send(b, r#"{"type""#);
+    assert_eq!(h.d.max_input_held(), r#"{"type":"gen"#.len());
+}
