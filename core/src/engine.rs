@@ -265,9 +265,45 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Completion, EngineError>;
 }
 
+/// How a JSON value's type reads in an error message about an engine's options ("expected
+/// a string, got an integer"), so that every engine words it the same way.
+pub fn json_type_name(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_u64() => "an integer",
+        Value::Number(n) if n.is_i64() => "a negative integer",
+        Value::Number(_) => "a fractional number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_types_read_as_words() {
+        use serde_json::json;
+        let got: Vec<&str> = [json!(null), json!(3), json!(-3), json!(0.5), json!("x"), json!([])]
+            .iter()
+            .map(json_type_name)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "null",
+                "an integer",
+                "a negative integer",
+                "a fractional number",
+                "a string",
+                "an array"
+            ]
+        );
+    }
 
     #[test]
     fn cancel_flag_is_shared() {

@@ -112,7 +112,7 @@ use std::time::{Duration, Instant};
 
 use inferd_core::engine::{
     CancelFlag, Capabilities, Completion, Engine, EngineError, GenerateRequest, LoadPhase, Message,
-    StopReason, Usage,
+    StopReason, Usage, json_type_name,
 };
 use serde_json::{Map, Value};
 
@@ -187,7 +187,7 @@ impl LlamaConfig {
                     let path = value.as_str().ok_or_else(|| ConfigError::WrongType {
                         key: key.clone(),
                         expected: "a string",
-                        got: type_name(value),
+                        got: json_type_name(value),
                     })?;
                     if path.is_empty() {
                         return Err(ConfigError::Empty { key: key.clone() });
@@ -209,7 +209,7 @@ impl LlamaConfig {
                             return Err(ConfigError::WrongType {
                                 key: key.clone(),
                                 expected: "a string of 64 hex digits",
-                                got: type_name(other),
+                                got: json_type_name(other),
                             });
                         }
                     }
@@ -310,21 +310,9 @@ fn unsigned32(key: &str, value: &Value) -> Result<u32, ConfigError> {
         key: key.to_owned(),
         got: match value {
             Value::Number(n) => n.to_string(),
-            other => type_name(other).to_owned(),
+            other => json_type_name(other).to_owned(),
         },
     })
-}
-
-/// A JSON value's type, for messages.
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// What the worker reports while loading.

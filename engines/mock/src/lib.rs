@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use inferd_core::engine::{
     CancelFlag, Capabilities, Completion, Engine, EngineError, GenerateRequest, LoadPhase, Role,
-    StopReason, Usage,
+    StopReason, Usage, json_type_name,
 };
 use serde_json::{Map, Value};
 
@@ -228,7 +228,7 @@ impl MockConfig {
 
 /// The error for `key` holding `value` where it takes `expected`.
 fn wrong_type(key: &str, expected: &'static str, value: &Value) -> ConfigError {
-    ConfigError::WrongType { key: key.to_owned(), expected, got: type_name(value) }
+    ConfigError::WrongType { key: key.to_owned(), expected, got: json_type_name(value) }
 }
 
 /// `key`'s value as a non-negative integer, or an error naming the key.
@@ -246,24 +246,10 @@ fn string_array(key: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
             item.as_str().map(str::to_owned).ok_or_else(|| ConfigError::WrongItemType {
                 key: key.to_owned(),
                 index,
-                got: type_name(item),
+                got: json_type_name(item),
             })
         })
         .collect()
-}
-
-/// How a JSON value's type reads in an error message.
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(n) if n.is_u64() => "an integer",
-        Value::Number(n) if n.is_i64() => "a negative integer",
-        Value::Number(_) => "a fractional number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The prompt size the mock reports: whitespace-separated words across all messages,

@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 
 use inferd_core::engine::{
     CancelFlag, Capabilities, Completion, Engine, EngineError, GenerateRequest, LoadPhase,
-    StopReason, Usage,
+    StopReason, Usage, json_type_name,
 };
 use inferd_core::redact::redact;
 use inferd_core::sse::SseDecoder;
@@ -76,17 +76,6 @@ pub struct OpenAiConfig {
     pub timeout: Duration,
     /// Requests sent upstream at once.
     pub max_concurrency: u32,
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Why an openai-compat backend's options were refused; each message names the option
@@ -159,7 +148,7 @@ fn string_opt(key: &str, v: &Value) -> Result<String, ConfigError> {
     v.as_str().map(str::to_owned).ok_or_else(|| ConfigError::WrongType {
         key: key.to_owned(),
         expected: "a string",
-        got: type_name(v),
+        got: json_type_name(v),
     })
 }
 
@@ -169,7 +158,7 @@ fn positive(key: &str, v: &Value, max: u64) -> Result<u64, ConfigError> {
         _ => Err(ConfigError::OutOfRange {
             key: key.to_owned(),
             max,
-            got: if v.is_number() { v.to_string() } else { type_name(v).to_string() },
+            got: if v.is_number() { v.to_string() } else { json_type_name(v).to_string() },
         }),
     }
 }
